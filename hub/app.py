@@ -1,0 +1,230 @@
+"""``create_app()``: builds one hub instance — dispatcher, transports, routes, lifespan.
+
+All state lives on the :class:`Hub` the factory creates; nothing is module-global, so two
+instances run side by side in one process (the tests do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis import asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from hub import __version__
+from hub.auth import AuthError, TokenVerifier, strip_bearer
+from hub.config import Settings
+from hub.dispatch import Backend, Dispatcher
+from hub.dispatch.memory import MemoryBackend
+from hub.events import SYSTEM_STATUS, Event, EventTypes
+from hub.exceptions import BackendUnavailable, EventError
+from hub.limits import ConnectionLimits
+from hub.metrics import Metrics
+from hub.openapi import openapi_document
+from hub.transports.socketio import SocketIOTransport
+from hub.transports.websocket import PlainTransport
+
+log = logging.getLogger("hub")
+
+
+class Hub:
+    """One hub instance: what the routes, the transports and the lifespan share."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.verifier = TokenVerifier(settings)
+        self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
+        self.types = EventTypes(settings.extra_event_types)
+        self.dispatcher = Dispatcher(
+            self._backend(settings, redis), self.types, self.metrics,
+            max_data_bytes=settings.max_data_bytes,
+            max_subscribe_types=settings.max_subscribe_types,
+        )
+        self.websocket = PlainTransport(self)
+        self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
+        self.started_at: float | None = None
+        self._drained = False
+
+    def _backend(self, settings: Settings, redis: aioredis.Redis | None) -> Backend:
+        if redis is None and settings.redis_url is None:
+            return MemoryBackend(settings.history_size)
+        from hub.dispatch.redis import RedisBackend, open_redis
+
+        owns = redis is None
+        client = redis if redis is not None else open_redis(settings.redis_url or "")
+        return RedisBackend(
+            client, owns_client=owns, stream_key=settings.stream_key,
+            history_size=settings.history_size, socketio_channel=settings.socketio_channel,
+            legacy_channel=settings.legacy_channel,
+            legacy_parser=self._parse_legacy,
+            on_reconnect=self.metrics.redis_reconnects.inc,
+            on_invalid_legacy=self.metrics.legacy_invalid.inc,
+        )
+
+    def _parse_legacy(self, raw: bytes) -> Any:
+        return self.dispatcher.parse_legacy(raw)
+
+    async def publish(self, type_: str, data: dict[str, Any]) -> Event:
+        """Publish an event from inside the process; returns it stamped with its id."""
+        return await self.dispatcher.publish(type_, data)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.dispatcher.start()
+        # python-socketio starts its Redis listener only at the first Socket.IO connection;
+        # start it now, so external emitters reach this instance from the first client on.
+        sio = self.socketio.sio
+        if not sio.manager_initialized:
+            sio.manager_initialized = True
+            sio.manager.initialize()
+        self.started_at = time.time()
+        await self._announce("online", "instance started")
+        log.info("hub %s started (backend %s, instance %s)", __version__,
+                 self.dispatcher.backend.name, self.settings.instance_id)
+
+    async def drain(self) -> None:
+        """Graceful stop: announce it, flush and close every client. Idempotent."""
+        if self._drained:
+            return
+        self._drained = True
+        event = await self._announce("shutdown", "instance shutting down")
+        if event is not None:
+            await self.dispatcher.wait_delivered(event, timeout=2.0)
+        await asyncio.gather(self.websocket.shutdown(), self.socketio.shutdown())
+
+    async def stop(self) -> None:
+        await self.drain()
+        await self.dispatcher.stop()
+
+    async def _announce(self, status: str, message: str) -> Event | None:
+        try:
+            return await self.publish(SYSTEM_STATUS, {
+                "status": status, "instance_id": self.settings.instance_id,
+                "version": __version__, "message": message,
+            })
+        except BackendUnavailable as exc:
+            log.warning("could not announce %s: %s", status, exc)
+            return None
+
+    # -- HTTP endpoints -----------------------------------------------------------------
+    async def health(self, request: Request) -> JSONResponse:
+        backend = self.dispatcher.backend
+        ws = len(self.websocket.connections)
+        sio = len(self.socketio.connections)
+        if self.started_at is None:
+            status, code = "unhealthy", 503
+        elif backend.connected:
+            status, code = "healthy", 200
+        else:
+            status, code = "degraded", 200
+        return JSONResponse({
+            "status": status,
+            "active_connections": ws + sio,
+            "redis_connected": backend.name == "redis" and backend.connected,
+            "backend": backend.name,
+            "instance_id": self.settings.instance_id,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            "connections": {"websocket": ws, "socketio": sio},
+        }, status_code=code)
+
+    async def publish_endpoint(self, request: Request) -> JSONResponse:
+        authorization = request.headers.get("authorization", "")
+        try:
+            if authorization[:7].lower() != "bearer ":
+                # Cookies are not accepted here: a cookie-authenticated POST is open to CSRF.
+                raise AuthError("a bearer token is required", code="missing_token")
+            principal = self.verifier.verify(strip_bearer(authorization))
+        except AuthError as exc:
+            self.metrics.auth_failures.labels(exc.code).inc()
+            return _error(401, exc.code, exc.message, headers={"WWW-Authenticate": "Bearer"})
+        if not principal.can_publish:
+            self.metrics.auth_failures.labels("forbidden").inc()
+            return _error(403, "forbidden", "this token's role may not publish")
+        body = await request.body()
+        if len(body) > self.settings.max_data_bytes + 4096:
+            return _error(413, "event_too_large", "request body too large")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "invalid_json", "body is not valid JSON")
+        if not isinstance(payload, dict):
+            return _error(422, "invalid_event", "body must be a JSON object", field="")
+        try:
+            event = await self.dispatcher.publish(payload.get("type"), payload.get("data"))
+        except EventError as exc:
+            return _error(422, exc.code, exc.message, field=exc.field)
+        except BackendUnavailable as exc:
+            return _error(503, exc.code, "the event backend is unavailable; retry later",
+                          headers={"Retry-After": "1"})
+        return JSONResponse({"id": event.id, "type": event.type, "timestamp": event.timestamp},
+                            status_code=202)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_endpoint(self, request: Request) -> JSONResponse:
+        return JSONResponse(openapi_document(__version__, self.types.names))
+
+
+def _error(status: int, code: str, message: str, *, field: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+class HubApp(Starlette):
+    """The ASGI app of one instance; ``app.hub`` is its :class:`Hub`."""
+
+    hub: Hub
+
+    def lifespan_context_for_host(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """For a host application that mounts this app: run hub's start-up and shutdown
+        inside the host's lifespan (Starlette does not run a mounted app's lifespan)."""
+        return _lifespan(self.hub)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(hub: Hub) -> AsyncIterator[None]:
+    await hub.start()
+    try:
+        yield
+    finally:
+        await hub.stop()
+
+
+def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = None) -> HubApp:
+    """Build a hub instance. ``redis``: a client the host application already owns (it is
+    used as is and not closed); otherwise ``settings.redis_url`` picks the backend."""
+    settings = settings if settings is not None else Settings.from_env()
+    hub = Hub(settings, redis)
+    routes = [
+        WebSocketRoute("/ws/events", hub.websocket.endpoint),
+        Route("/ws/health", hub.health, methods=["GET"]),
+        Route("/events", hub.publish_endpoint, methods=["POST"]),
+        Route("/metrics", hub.metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", hub.openapi_endpoint, methods=["GET"]),
+        Mount("/socket.io", app=hub.socketio.asgi_app),
+    ]
+    static = resources.files("hub") / "static" / "dashboard"
+    if static.is_dir():
+        routes.append(Mount("/dashboard", app=StaticFiles(directory=str(static), html=True)))
+    app = HubApp(routes=routes, lifespan=lambda _app: _lifespan(hub))
+    app.hub = hub
+    return app

@@ -1,0 +1,261 @@
+"""The ``hub`` command: ``serve``, ``token``, ``publish`` (and ``tail``).
+
+Bad input stops with one ``hub: error: …`` line and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from hub.config import Settings
+from hub.exceptions import HubError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"hub: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_ttl(value: str) -> int:
+    """``3600``, ``90s``, ``30m``, ``1h``, ``7d`` → seconds."""
+    match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {value!r} (use 90s, 30m, 1h, 7d)")
+    number, unit = int(match.group(1)), match.group(2) or "s"
+    seconds = number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("duration must be positive")
+    return seconds
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+# -- serve ------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> None:
+    overrides: dict[str, Any] = {"redis_url": args.redis_url}
+    if args.allowed_origins is not None:
+        overrides["allowed_origins"] = tuple(
+            o.strip() for o in args.allowed_origins.split(",") if o.strip())
+    dev_secret = None
+    if args.dev and not os.environ.get("JWT_SECRET") and not os.environ.get("JWT_PUBLIC_KEY"):
+        # A fresh random secret per run: a throwaway key, never a default one.
+        dev_secret = secrets.token_urlsafe(32)
+        overrides["jwt_secret"] = dev_secret
+    try:
+        settings = Settings.from_env(**overrides)
+    except HubError as exc:
+        _fail(exc.message)
+    if settings.redis_url:
+        _check_redis(settings.redis_url)
+    elif args.workers > 1:
+        _fail("--workers needs REDIS_URL: with the memory backend each worker would be a "
+              "separate hub that sees only its own events")
+    if args.dev:
+        _print_dev_banner(settings, args.host, args.port, dev_secret)
+    from hub.server import run
+
+    run(settings, host=args.host, port=args.port, workers=args.workers,
+        log_level=args.log_level)
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        client.ping()
+        client.close()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        _fail(f"cannot reach Redis at {redact(url)}: {exc}")
+
+
+def _print_dev_banner(settings: Settings, host: str, port: int, dev_secret: str | None) -> None:
+    from hub.auth import issue_token
+
+    try:
+        admin = issue_token(settings, sub="dev-admin", role="admin", ttl_s=12 * 3600)
+        viewer = issue_token(settings, sub="dev-viewer", role="viewer", ttl_s=12 * 3600)
+    except HubError as exc:
+        _fail(exc.message)
+    base = f"{host}:{port}"
+    lines = [
+        "",
+        "hub — development mode" + (" (random JWT secret for this run only)" if dev_secret else ""),
+        "",
+    ]
+    if dev_secret:
+        lines += [f"  export JWT_SECRET={dev_secret}   # to mint more tokens with `hub token`", ""]
+    lines += [
+        f"  viewer token: {viewer}",
+        f"  admin token:  {admin}",
+        "",
+        "  Connect (Python):",
+        f"    python -m websockets ws://{base}/ws/events  # needs a header; see README",
+        "    python -c \"import asyncio, websockets; asyncio.run((lambda: None)())\"",
+        "",
+        "  Listen with the bundled client:",
+        f"    python -m hub tail --url http://{base} --token {viewer[:16]}…",
+        "  Publish a test event:",
+        f"    curl -X POST http://{base}/events -H 'Authorization: Bearer <admin token>' \\",
+        "      -H 'Content-Type: application/json' -d '{\"type\": \"threat_detected\", "
+        "\"data\": {\"severity\": \"high\", \"attack_type\": \"prompt_injection\", "
+        "\"confidence\": 0.92, \"action_taken\": \"blocked\"}}'",
+        f"  Dashboard: http://{base}/dashboard   Health: http://{base}/ws/health",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# -- token ------------------------------------------------------------------------------
+def _token(args: argparse.Namespace) -> None:
+    from hub.auth import issue_token
+
+    try:
+        settings = Settings.from_env()
+        private_key = None
+        if args.private_key:
+            try:
+                with open(args.private_key) as fh:
+                    private_key = fh.read()
+            except OSError as exc:
+                _fail(f"cannot read --private-key: {exc.strerror}")
+        token = issue_token(settings, sub=args.sub, role=args.role, tenant=args.tenant,
+                            ttl_s=args.ttl, private_key=private_key)
+    except HubError as exc:
+        _fail(exc.message)
+    print(token)
+
+
+# -- publish ----------------------------------------------------------------------------
+def _publish(args: argparse.Namespace) -> None:
+    try:
+        data = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        _fail(f"--data is not valid JSON: {exc}")
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url and not args.url:
+        result = asyncio.run(_publish_redis(redis_url, args.type, data))
+    else:
+        result = _publish_http(args.url or DEFAULT_URL, args.token, args.type, data)
+    print(orjson.dumps(result).decode())
+
+
+async def _publish_redis(redis_url: str, type_: str, data: Any) -> dict[str, Any]:
+    from hub.publish import Publisher
+
+    try:
+        settings = Settings.from_env(jwt_secret="-" * 32) if not _has_key() else Settings.from_env()
+        async with Publisher.from_settings(settings, retry_for_s=5.0) as publisher:
+            event = await publisher.publish(type_, data)
+    except HubError as exc:
+        field = getattr(exc, "field", None)
+        _fail(f"{exc.message}" + (f" (field: {field})" if field else ""))
+    return {"id": event.id, "type": event.type, "timestamp": event.timestamp}
+
+
+def _has_key() -> bool:
+    return bool(os.environ.get("JWT_SECRET") or os.environ.get("JWT_PUBLIC_KEY"))
+
+
+def _publish_http(url: str, token: str | None, type_: str, data: Any) -> dict[str, Any]:
+    import httpx
+
+    from hub.auth import issue_token
+
+    token = token or os.environ.get("HUB_TOKEN")
+    if not token:
+        try:
+            settings = Settings.from_env()
+            token = issue_token(settings, sub="hub-cli", role=settings.publisher_roles[0],
+                                ttl_s=300)
+        except HubError as exc:
+            _fail(f"no token to publish with: pass --token or set HUB_TOKEN ({exc.message})")
+    try:
+        response = httpx.post(url.rstrip("/") + "/events", json={"type": type_, "data": data},
+                              headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the hub at {url}: {exc}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code != 202:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        field = error.get("field")
+        _fail(f"publish refused ({response.status_code}): {error.get('message', response.text)}"
+              + (f" (field: {field})" if field else ""), code=1)
+    return dict(body)
+
+
+# -- entry point ------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hub", description="Real-time event hub.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the hub")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--redis-url", help="Redis for several instances (env REDIS_URL); "
+                                           "without it, one process serves from memory")
+    serve.add_argument("--allowed-origins", help="comma-separated browser origins "
+                                                 "(env HUB_ALLOWED_ORIGINS)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (needs Redis)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--dev", action="store_true",
+                       help="development mode: random JWT secret if none is set, print tokens")
+    serve.set_defaults(func=_serve)
+
+    token = commands.add_parser("token", help="print a token signed with the configured key")
+    token.add_argument("--sub", required=True, help="user id (the `sub` claim)")
+    token.add_argument("--role", help="role claim, e.g. admin or viewer")
+    token.add_argument("--tenant", help="tenant claim")
+    token.add_argument("--ttl", type=parse_ttl, default=3600, help="lifetime: 90s, 30m, 1h, 7d")
+    token.add_argument("--private-key", help="PEM private key file (RS256/ES256 deployments)")
+    token.set_defaults(func=_token)
+
+    publish = commands.add_parser("publish", help="publish one event")
+    publish.add_argument("type", help="event type, e.g. threat_detected")
+    publish.add_argument("--data", required=True, help="the event's data as a JSON object")
+    publish.add_argument("--url", help=f"publish via POST /events of this hub (default "
+                                       f"{DEFAULT_URL}, or Redis when REDIS_URL is set)")
+    publish.add_argument("--token", help="bearer token (env HUB_TOKEN; else minted from "
+                                         "JWT_SECRET)")
+    publish.set_defaults(func=_publish)
+
+    try:
+        from hub.tail import add_parser as add_tail
+    except ImportError:  # pragma: no cover - tail is optional while it is being built
+        pass
+    else:
+        add_tail(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,201 @@
+"""Settings from the environment (and ``hub serve`` flags).
+
+The JWT and Redis names are the ones the proxy already uses (``REDIS_URL``, ``JWT_*``), so
+hub drops in beside it; hub's own settings carry the ``HUB_`` prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from hub.exceptions import ConfigError
+
+MIN_HS_SECRET_BYTES = 32
+HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything hub can be configured with. Build it with :meth:`from_env` or directly."""
+
+    redis_url: str | None = None
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_s: float = 0.0
+    allowed_origins: tuple[str, ...] = ()
+    history_size: int = 10_000
+    outbox_limit: int = 1_000
+    publisher_roles: tuple[str, ...] = ("admin",)
+    admin_roles: tuple[str, ...] = ("admin",)
+    role_claim: str = "role"
+    tenant_claim: str = "tenant_id"
+    legacy_channel: str = "koreshield:events"
+    extra_event_types: tuple[str, ...] = ()
+    stream_key: str = "hub:events"
+    socketio_channel: str = "socketio"
+    instance_id: str = field(default_factory=_default_instance_id)
+    max_message_bytes: int = 64 * 1024
+    max_data_bytes: int = 64 * 1024
+    max_subscribe_types: int = 64
+    client_rate: float = 20.0
+    client_burst: int = 50
+    max_connections: int = 10_000
+    max_connections_per_user: int = 100
+    shutdown_timeout_s: float = 10.0
+    json_logs: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from ``environ`` (default: ``os.environ``); ``overrides`` win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = _ENV_NAMES.get(f.name, "HUB_" + f.name.upper())
+            raw = env.get(name)
+            if raw is None or raw == "" and f.name not in _EMPTY_ALLOWED:
+                continue
+            values[f.name] = _parse(f.name, name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = cls(**values)
+        except TypeError as exc:  # an unknown override name is a programming error upstream
+            raise ConfigError(str(exc)) from None
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    @property
+    def backend(self) -> str:
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def verify_key(self) -> str:
+        """The key tokens are verified with (the secret for HS*, the public key otherwise)."""
+        if self.jwt_public_key:
+            return _read_key(self.jwt_public_key, "JWT_PUBLIC_KEY")
+        assert self.jwt_secret is not None  # validate() guarantees one of the two
+        return self.jwt_secret
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        if self.jwt_algorithms:
+            return self.jwt_algorithms
+        return ("RS256", "ES256") if self.jwt_public_key else ("HS256",)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` with one clear sentence for the first bad setting."""
+        if not self.jwt_secret and not self.jwt_public_key:
+            raise ConfigError(
+                "no token key: set JWT_SECRET (HS256, at least 32 bytes) or JWT_PUBLIC_KEY "
+                "(RS256/ES256); for a throwaway local run use `hub serve --dev`"
+            )
+        if self.jwt_secret and self.jwt_public_key:
+            raise ConfigError("set either JWT_SECRET or JWT_PUBLIC_KEY, not both")
+        unknown = set(self.algorithms) - HS_ALGORITHMS - ASYMMETRIC_ALGORITHMS
+        if unknown or "none" in {a.lower() for a in self.algorithms}:
+            raise ConfigError(f"JWT_ALGORITHMS has unsupported values: {sorted(unknown)}")
+        if self.jwt_secret:
+            if len(self.jwt_secret.encode()) < MIN_HS_SECRET_BYTES:
+                raise ConfigError(
+                    f"JWT_SECRET is too weak: {len(self.jwt_secret.encode())} bytes, "
+                    f"HS256 needs at least {MIN_HS_SECRET_BYTES}"
+                )
+            if not set(self.algorithms) <= HS_ALGORITHMS:
+                raise ConfigError("JWT_SECRET works only with HS256/HS384/HS512 in JWT_ALGORITHMS")
+        if self.jwt_public_key:
+            if not set(self.algorithms) <= ASYMMETRIC_ALGORITHMS:
+                # Accepting HS* with a public key is the classic key-confusion hole.
+                raise ConfigError("JWT_PUBLIC_KEY works only with asymmetric JWT_ALGORITHMS")
+            key = self.verify_key
+            if "-----BEGIN" not in key:
+                raise ConfigError("JWT_PUBLIC_KEY is not a PEM public key")
+        if self.redis_url is not None:
+            scheme = urlsplit(self.redis_url).scheme
+            if scheme not in {"redis", "rediss", "unix", "redis+sentinel"}:
+                raise ConfigError(
+                    f"REDIS_URL must start with redis://, rediss://, unix:// or "
+                    f"redis+sentinel://, got {scheme + '://' if scheme else 'no scheme'}"
+                )
+        for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
+                     "max_subscribe_types", "client_burst", "max_connections",
+                     "max_connections_per_user"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be a positive number")
+        if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:
+            raise ConfigError("HUB_CLIENT_RATE and HUB_SHUTDOWN_TIMEOUT_S must be positive, "
+                              "HUB_JWT_LEEWAY_S not negative")
+        for origin in self.allowed_origins:
+            if origin != "*" and not urlsplit(origin).netloc:
+                raise ConfigError(
+                    f"HUB_ALLOWED_ORIGINS entry {origin!r} is not an origin like "
+                    "https://dash.example.com"
+                )
+        for name in self.extra_event_types:
+            if not name.replace("_", "").replace(".", "").isalnum():
+                raise ConfigError(f"HUB_EXTRA_EVENT_TYPES entry {name!r} is not a valid type name")
+
+
+_ENV_NAMES = {
+    "redis_url": "REDIS_URL",
+    "jwt_secret": "JWT_SECRET",
+    "jwt_public_key": "JWT_PUBLIC_KEY",
+    "jwt_algorithms": "JWT_ALGORITHMS",
+    "jwt_issuer": "JWT_ISSUER",
+    "jwt_audience": "JWT_AUDIENCE",
+}
+_EMPTY_ALLOWED = frozenset({"legacy_channel"})
+
+
+def _env_name(field_name: str) -> str:
+    return _ENV_NAMES.get(field_name, "HUB_" + field_name.upper())
+
+
+def _parse(field_name: str, env_name: str, raw: str, type_: Any) -> Any:
+    kind = str(type_)
+    try:
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind == "int":
+            return int(raw.replace("_", ""))
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return lowered in {"1", "true", "yes", "on"}
+    except ValueError:
+        raise ConfigError(f"{env_name} has an invalid value {raw!r}") from None
+    return raw
+
+
+def _read_key(value: str, name: str) -> str:
+    if "-----BEGIN" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read key file {str(path)!r}: {exc.strerror}") from None

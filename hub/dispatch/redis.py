@@ -1,0 +1,288 @@
+"""The Redis backend: a Redis Stream carries events between instances.
+
+Every event is appended to one stream (``HUB_STREAM_KEY``) with ``XADD``; the stream id is
+the event id, so ids are unique and ordered across the deployment and the stream doubles
+as the resume history (trimmed to about ``HUB_HISTORY_SIZE``). Each instance reads the
+stream from the last id it delivered: after a Redis outage it picks up where it stopped,
+so nothing published meanwhile is lost or delivered twice.
+
+python-socketio's own cross-instance channel keeps working beside it: the Socket.IO
+server's client manager is an ``AsyncRedisManager``, so an external process emitting
+through a write-only ``AsyncRedisManager`` reaches this instance's Socket.IO clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import socketio
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from hub.dispatch.base import Backend, History
+from hub.dispatch.manager import ConnectHookMixin, FastEmitMixin
+from hub.events import Event, id_key
+from hub.exceptions import BackendUnavailable
+
+log = logging.getLogger("hub.redis")
+
+LegacyParser = Callable[[bytes], tuple[str, str, dict[str, Any]] | None]
+
+# Several instances receive every message PUBLISHed on the legacy channel; only the first
+# to claim the message's digest appends it, in one atomic step, so it enters the stream
+# (and reaches each client) exactly once however many instances run.
+_INGEST_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+end
+return false
+"""
+LEGACY_DEDUP_MS = 60_000
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (retry storms stay spread out)."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+async def append(redis: aioredis.Redis, key: str, maxlen: int, body: bytes) -> str:
+    """XADD one event body; return its id. Raises BackendUnavailable when Redis is down."""
+    try:
+        event_id = await redis.xadd(key, {"e": body}, maxlen=maxlen, approximate=True)
+    except (RedisError, OSError) as exc:
+        raise BackendUnavailable(f"redis unavailable: {exc}") from exc
+    return _str(event_id)
+
+
+def open_redis(url: str) -> aioredis.Redis:
+    if url.startswith("redis+sentinel://"):
+        from socketio.redis_manager import parse_redis_sentinel_url
+
+        sentinels, service, kwargs = parse_redis_sentinel_url(url)
+        sentinel = aioredis.Sentinel(sentinels, **kwargs)
+        return sentinel.master_for(service or "mymaster")
+    return aioredis.Redis.from_url(url, health_check_interval=10)
+
+
+class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ignore[misc]
+    """python-socketio's Redis manager on hub's Redis client, with the encode-once emit."""
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        super().__init__(channel=channel)
+        self._client = client
+
+    def _redis_connect(self) -> None:
+        self.redis = self._client
+        self.pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
+
+    async def _listen(self) -> Any:
+        # The host's client may decode responses, so the channel may be str or bytes.
+        async for message in self._redis_listen_with_retries():
+            if message.get("type") == "message" and _str(message["channel"]) == self.channel:
+                yield message["data"]
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        if message.get("callback") is not None or message.get("binary"):
+            await super()._handle_emit(message)
+            return
+        data = message["data"]
+        if isinstance(data, list):
+            data = data[0] if len(data) == 1 else tuple(data)
+        await FastEmitMixin._local_emit(
+            self,  # type: ignore[arg-type]
+            message["event"], data, message.get("namespace") or "/",
+            message.get("room"), message.get("skip_sid"),
+        )
+
+
+class RedisBackend(Backend):
+    name = "redis"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        owns_client: bool,
+        stream_key: str,
+        history_size: int,
+        socketio_channel: str,
+        legacy_channel: str,
+        legacy_parser: LegacyParser,
+        on_reconnect: Callable[[], None] = lambda: None,
+        on_invalid_legacy: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.redis = client
+        self._owns_client = owns_client
+        self._key = stream_key
+        self._maxlen = history_size
+        self._legacy_channel = legacy_channel
+        self._legacy_parser = legacy_parser
+        self._on_reconnect = on_reconnect
+        self._on_invalid_legacy = on_invalid_legacy
+        self._on_event: Callable[[Event], None] | None = None
+        self._last_id = "0-0"
+        self._reader_alive = False
+        self._legacy_alive = not legacy_channel
+        self._tasks: list[asyncio.Task[None]] = []
+        self._manager = HubRedisManager(client, socketio_channel)
+        self._ingest = client.register_script(_INGEST_ONCE)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self, on_event: Callable[[Event], None]) -> None:
+        self._on_event = on_event
+        # Start reading after the newest event that exists now: older ones are history.
+        newest = await self.redis.xrevrange(self._key, count=1)
+        self._last_id = _str(newest[0][0]) if newest else "0-0"
+        self._reader_alive = True
+        self._tasks.append(asyncio.create_task(self._supervise(self._read_stream, "stream")))
+        if self._legacy_channel:
+            self._tasks.append(asyncio.create_task(self._supervise(self._read_legacy, "legacy")))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        thread = getattr(self._manager, "thread", None)
+        if thread is not None:
+            thread.cancel()
+            await asyncio.gather(thread, return_exceptions=True)
+        if self._manager.pubsub is not None:
+            await self._manager.pubsub.aclose()
+        if self._owns_client:
+            await self.redis.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._reader_alive and self._legacy_alive
+
+    def status(self) -> dict[str, Any]:
+        return {"stream": self._key, "last_id": self._last_id,
+                "reader_alive": self._reader_alive, "legacy_alive": self._legacy_alive}
+
+    def socketio_manager(self) -> Any:
+        return self._manager
+
+    # -- events -------------------------------------------------------------------------
+    async def publish(self, type_: str, timestamp: str, data: dict[str, Any]) -> Event:
+        event = Event(id="", type=type_, timestamp=timestamp, data=data)
+        event.id = await append(self.redis, self._key, self._maxlen, event.body())
+        return event
+
+    async def history(self, after: str) -> History:
+        try:
+            entries = await self.redis.xrange(self._key, min="(" + after, max="+")
+            info = await self.redis.xinfo_stream(self._key)
+        except aioredis.ResponseError:
+            # No stream yet: nothing was ever published, so nothing is missing either.
+            return History(events=(), truncated=False, first_retained=None)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"redis unavailable: {exc}") from exc
+        events = [ev for ev in map(self._decode, entries) if ev is not None]
+        first = info.get("first-entry")
+        first_id = _str(first[0]) if first else None
+        deleted = info.get("max-deleted-entry-id")
+        truncated = bool(deleted) and id_key(_str(deleted)) > id_key(after)
+        return History(events=events, truncated=truncated, first_retained=first_id)
+
+    def _decode(self, entry: tuple[Any, dict[Any, Any]]) -> Event | None:
+        raw_id, fields = entry
+        body = fields.get(b"e", fields.get("e"))
+        try:
+            return Event.from_body(_str(raw_id), body)
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping malformed stream entry %s", _str(raw_id))
+            return None
+
+    # -- background loops ---------------------------------------------------------------
+    async def _supervise(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``loop`` forever: on a Redis error, mark it dead, back off, reconnect."""
+        backoff = Backoff()
+        while True:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self._alive(name):
+                    backoff.reset()  # it had recovered since the last failure
+                self._set_alive(name, False)
+                delay = backoff.next_delay()
+                log.warning("redis %s loop lost its connection (%s); retrying in %.2fs",
+                            name, exc, delay)
+                await asyncio.sleep(delay)
+                self._on_reconnect()
+            except Exception:
+                # A bug, not an outage: log it loudly and keep the instance serving.
+                self._set_alive(name, False)
+                log.exception("redis %s loop crashed; restarting", name)
+                await asyncio.sleep(backoff.next_delay())
+            else:  # pragma: no cover - the loops only return when cancelled
+                return
+
+    def _alive(self, name: str) -> bool:
+        return self._reader_alive if name == "stream" else self._legacy_alive
+
+    def _set_alive(self, name: str, alive: bool) -> None:
+        if name == "stream":
+            self._reader_alive = alive
+        else:
+            self._legacy_alive = alive
+
+    async def _read_stream(self) -> None:
+        while True:
+            response = await self.redis.xread({self._key: self._last_id}, count=1000, block=1000)
+            self._reader_alive = True
+            for _stream, entries in response or ():
+                for entry in entries:
+                    self._last_id = _str(entry[0])
+                    event = self._decode(entry)
+                    if event is not None and self._on_event is not None:
+                        self._on_event(event)
+
+    async def _read_legacy(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self._legacy_channel)
+            self._legacy_alive = True
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None or message.get("type") != "message":
+                    continue
+                await self._ingest_legacy(message["data"])
+        finally:
+            await pubsub.aclose()
+
+    async def _ingest_legacy(self, raw: bytes | str) -> None:
+        payload = raw.encode() if isinstance(raw, str) else raw
+        parsed = self._legacy_parser(payload)
+        if parsed is None:
+            self._on_invalid_legacy()
+            return
+        type_, timestamp, data = parsed
+        body = Event(id="", type=type_, timestamp=timestamp, data=data).body()
+        digest = hashlib.sha256(payload).hexdigest()
+        await self._ingest(
+            keys=[self._key, f"{self._key}:legacy:{digest}"],
+            args=[self._maxlen, body, LEGACY_DEDUP_MS],
+        )

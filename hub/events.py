@@ -1,0 +1,250 @@
+"""Event types, per-type validation, the envelope and its encodings. No I/O here.
+
+An event travels as the envelope ``{"id", "type", "timestamp", "data"}``. It is encoded
+once per instance: :class:`Event` caches its JSON text (for ``/ws/events``) and its
+Socket.IO packet text, so a broadcast to thousands of clients serialises it twice at most.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from hub.exceptions import EventError
+
+THREAT_DETECTED: Final = "threat_detected"
+PROVIDER_HEALTH_CHANGE: Final = "provider_health_change"
+COST_THRESHOLD_ALERT: Final = "cost_threshold_alert"
+SYSTEM_STATUS: Final = "system_status"
+BUILTIN_TYPES: Final = (THREAT_DETECTED, PROVIDER_HEALTH_CHANGE, COST_THRESHOLD_ALERT, SYSTEM_STATUS)
+
+Validator = Callable[[dict[str, Any]], None]
+
+
+def _require_str(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise EventError(f"data.{name} is required and must be a non-empty string",
+                         field=f"data.{name}")
+    return value
+
+
+def _require_choice(data: dict[str, Any], name: str, choices: Iterable[str]) -> None:
+    value = _require_str(data, name)
+    options = tuple(choices)
+    if value not in options:
+        raise EventError(f"data.{name} must be one of {', '.join(options)}; got {value!r}",
+                         field=f"data.{name}")
+
+
+def _optional_number(data: dict[str, Any], name: str) -> None:
+    value = data.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise EventError(f"data.{name} must be a number", field=f"data.{name}")
+
+
+def _optional_str(data: dict[str, Any], name: str) -> None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise EventError(f"data.{name} must be a string", field=f"data.{name}")
+
+
+def _threat_detected(data: dict[str, Any]) -> None:
+    _require_choice(data, "severity", ("low", "medium", "high", "critical"))
+    _require_str(data, "attack_type")
+    confidence = data.get("confidence")
+    if (isinstance(confidence, bool) or not isinstance(confidence, int | float)
+            or not 0 <= confidence <= 1):
+        raise EventError("data.confidence is required and must be a number from 0 to 1",
+                         field="data.confidence")
+    _require_choice(data, "action_taken", ("blocked", "allowed", "flagged", "sanitized"))
+    _optional_str(data, "threat_id")
+    if "threat_id" not in data:
+        data["threat_id"] = "thr_" + secrets.token_hex(6)
+
+
+HEALTH_STATES: Final = ("healthy", "degraded", "unhealthy", "unknown")
+
+
+def _provider_health_change(data: dict[str, Any]) -> None:
+    _require_str(data, "provider")
+    _require_choice(data, "old_status", HEALTH_STATES)
+    _require_choice(data, "new_status", HEALTH_STATES)
+
+
+def _cost_threshold_alert(data: dict[str, Any]) -> None:
+    _require_choice(data, "severity", ("info", "warning", "error", "critical"))
+    _require_str(data, "message")
+    for name in ("threshold", "current_cost"):
+        _optional_number(data, name)
+    for name in ("period", "rule_name"):
+        _optional_str(data, name)
+
+
+def _system_status(data: dict[str, Any]) -> None:
+    _require_str(data, "status")
+    for name in ("instance_id", "version", "message"):
+        _optional_str(data, name)
+
+
+def _any_object(data: dict[str, Any]) -> None:
+    """Configured extra types carry any JSON object."""
+
+
+BUILTIN_VALIDATORS: Final[Mapping[str, Validator]] = {
+    THREAT_DETECTED: _threat_detected,
+    PROVIDER_HEALTH_CHANGE: _provider_health_change,
+    COST_THRESHOLD_ALERT: _cost_threshold_alert,
+    SYSTEM_STATUS: _system_status,
+}
+
+
+def format_timestamp(epoch_s: float) -> str:
+    """RFC 3339 UTC with milliseconds and a ``Z``: ``2025-01-15T10:30:00.123Z``."""
+    moment = datetime.fromtimestamp(epoch_s, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(value: object) -> str | None:
+    """Return ``value`` normalised to RFC 3339 UTC if it is a valid timestamp, else None."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return format_timestamp(moment.timestamp())
+
+
+def id_key(event_id: str) -> tuple[int, int]:
+    """Sort key of an id ``<ms>-<seq>`` (the Redis Stream id format); raises ValueError."""
+    ms, _, seq = event_id.partition("-")
+    if not ms.isdigit() or not seq.isdigit() or len(event_id) > 41:
+        raise ValueError(f"not an event id: {event_id!r}")
+    return int(ms), int(seq)
+
+
+def is_event_id(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        id_key(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class Event:
+    """One stamped event. ``payload`` is the envelope without ``id``: ``{type, timestamp, data}``."""
+
+    id: str
+    type: str
+    timestamp: str
+    data: dict[str, Any]
+    tenant: str | None = None
+    _text: str | None = field(default=None, repr=False)
+    _sio: str | None = field(default=None, repr=False)
+    _sio_packet: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        tenant = self.data.get("tenant_id")
+        self.tenant = str(tenant) if tenant is not None else None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The id as a sortable pair."""
+        return id_key(self.id)
+
+    def envelope(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "timestamp": self.timestamp, "data": self.data}
+
+    @property
+    def text(self) -> str:
+        """The envelope as JSON text, encoded on first use and then shared by every recipient."""
+        if self._text is None:
+            self._text = orjson.dumps(self.envelope()).decode()
+        return self._text
+
+    @property
+    def socketio_text(self) -> str:
+        """The Socket.IO EVENT packet for namespace ``/``: ``2["<type>",<envelope>]``."""
+        if self._sio is None:
+            self._sio = '2["' + self.type + '",' + self.text + "]"
+        return self._sio
+
+    @property
+    def socketio_packet(self) -> Any:
+        """The Engine.IO MESSAGE packet carrying :attr:`socketio_text`, built once."""
+        if self._sio_packet is None:
+            from engineio import packet as eio_packet
+
+            self._sio_packet = eio_packet.Packet(eio_packet.MESSAGE, self.socketio_text)
+        return self._sio_packet
+
+    def body(self) -> bytes:
+        """What a backend stores: the envelope without the id (the store assigns the id)."""
+        return orjson.dumps({"type": self.type, "timestamp": self.timestamp, "data": self.data})
+
+    @classmethod
+    def from_body(cls, event_id: str, body: bytes | str) -> Event:
+        raw = orjson.loads(body)
+        return cls(id=event_id, type=raw["type"], timestamp=raw["timestamp"], data=raw["data"])
+
+
+class EventTypes:
+    """The event types an instance accepts and how each one's ``data`` is validated."""
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        self._validators: dict[str, Validator] = dict(BUILTIN_VALIDATORS)
+        for name in extra:
+            self._validators.setdefault(name, _any_object)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._validators)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._validators
+
+    def unknown(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if n not in self._validators]
+
+    def validate(self, type_: object, data: object, *, max_bytes: int) -> tuple[str, dict[str, Any]]:
+        """Check an event before it is stamped. Returns ``(type, data)``; ``data`` is a copy
+        with generated fields (``threat_id``) filled in. Raises :class:`EventError`."""
+        if not isinstance(type_, str) or not type_:
+            raise EventError("type is required and must be a string", field="type")
+        validator = self._validators.get(type_)
+        if validator is None:
+            raise EventError(
+                f"unknown event type {type_!r}; known types: {', '.join(self._validators)}",
+                field="type", code="unknown_event_type",
+            )
+        if not isinstance(data, dict):
+            raise EventError("data must be a JSON object", field="data")
+        try:
+            size = len(orjson.dumps(data))
+        except TypeError as exc:
+            raise EventError(f"data is not JSON-serialisable: {exc}", field="data") from None
+        if size > max_bytes:
+            raise EventError(f"data is {size} bytes, more than the limit of {max_bytes}",
+                             field="data", code="event_too_large")
+        data = dict(data)
+        validator(data)
+        tenant = data.get("tenant_id")
+        if tenant is not None and not isinstance(tenant, str | int):
+            raise EventError("data.tenant_id must be a string", field="data.tenant_id")
+        return type_, data
+
+
+def now_timestamp() -> str:
+    return format_timestamp(time.time())

@@ -1,0 +1,41 @@
+"""Prometheus metrics, one registry per app (two apps in one process keep separate counts)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "hub_connections", "Open client connections", ["transport"], registry=r)
+        self.published = Counter(
+            "hub_events_published", "Events accepted for publishing on this instance",
+            ["type"], registry=r)
+        self.delivered = Counter(
+            "hub_events_delivered", "Events handed to client outboxes", ["type"], registry=r)
+        self.dropped = Counter(
+            "hub_events_dropped", "Events not delivered, by reason", ["reason"], registry=r)
+        self.slow_consumers = Counter(
+            "hub_slow_consumer_disconnects", "Clients disconnected because their outbox was full",
+            ["transport"], registry=r)
+        self.auth_failures = Counter(
+            "hub_auth_failures", "Refused connections and requests, by reason",
+            ["reason"], registry=r)
+        self.redis_reconnects = Counter(
+            "hub_redis_reconnects", "Times a Redis loop reconnected after losing Redis",
+            registry=r)
+        self.legacy_invalid = Counter(
+            "hub_legacy_invalid", "Invalid envelopes seen on the legacy Redis channel",
+            registry=r)
+        self.latency = Histogram(
+            "hub_publish_to_send_seconds",
+            "From the event's timestamp to its hand-off to the local outboxes",
+            buckets=LATENCY_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

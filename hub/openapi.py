@@ -1,0 +1,123 @@
+"""The OpenAPI document of hub's HTTP endpoints (WebSocket endpoints are not described by
+OpenAPI, as the spec notes; they are documented in the README)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, Any]:
+    error = {"$ref": "#/components/schemas/Error"}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hub",
+            "version": version,
+            "description": "Real-time event hub. Live events stream over the WebSocket "
+                           "endpoint /ws/events and Socket.IO at /socket.io/ (see README).",
+        },
+        "paths": {
+            "/events": {
+                "post": {
+                    "summary": "Publish an event to every subscribed client on every instance",
+                    "operationId": "publishEvent",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/PublishRequest"}}},
+                    },
+                    "responses": {
+                        "202": {"description": "Accepted and stamped",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/Published"}}}},
+                        "400": {"description": "Body is not JSON",
+                                "content": {"application/json": {"schema": error}}},
+                        "401": {"description": "Missing or invalid token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token's role may not publish",
+                                "content": {"application/json": {"schema": error}}},
+                        "413": {"description": "Body too large",
+                                "content": {"application/json": {"schema": error}}},
+                        "422": {"description": "Invalid event; `field` names the part at fault",
+                                "content": {"application/json": {"schema": error}}},
+                        "503": {"description": "Backend (Redis) unavailable; retry",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                }
+            },
+            "/ws/health": {
+                "get": {
+                    "summary": "Health of this instance",
+                    "operationId": "health",
+                    "responses": {
+                        "200": {"description": "Serving (healthy or degraded)",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/Health"}}}},
+                        "503": {"description": "Cannot serve",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/Health"}}}},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "operationId": "metrics",
+                    "responses": {"200": {"description": "Prometheus text format",
+                                          "content": {"text/plain": {"schema": {
+                                              "type": "string"}}}}},
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "bearerFormat": "JWT"}},
+            "schemas": {
+                "PublishRequest": {
+                    "type": "object",
+                    "required": ["type", "data"],
+                    "properties": {
+                        "type": {"type": "string", "enum": list(event_types)},
+                        "data": {"type": "object", "additionalProperties": True},
+                        "timestamp": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "Published": {
+                    "type": "object",
+                    "required": ["id", "type", "timestamp"],
+                    "properties": {"id": {"type": "string"}, "type": {"type": "string"},
+                                   "timestamp": {"type": "string", "format": "date-time"}},
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {"code": {"type": "string"},
+                                       "message": {"type": "string"},
+                                       "field": {"type": "string"}},
+                    }},
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status", "active_connections", "redis_connected",
+                                 "instance_id", "version", "uptime_s", "connections"],
+                    "properties": {
+                        "status": {"type": "string",
+                                   "enum": ["healthy", "degraded", "unhealthy"]},
+                        "active_connections": {"type": "integer"},
+                        "redis_connected": {"type": "boolean"},
+                        "backend": {"type": "string", "enum": ["memory", "redis"]},
+                        "instance_id": {"type": "string"},
+                        "version": {"type": "string"},
+                        "uptime_s": {"type": "number"},
+                        "connections": {"type": "object", "properties": {
+                            "websocket": {"type": "integer"},
+                            "socketio": {"type": "integer"}}},
+                    },
+                },
+            },
+        },
+    }

@@ -1,0 +1,70 @@
+"""The ``/ws/events`` client protocol as pure functions: text in, typed messages out.
+
+Nothing here touches a socket, so every rule is tested without one."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from hub.events import now_timestamp
+from hub.exceptions import ProtocolError
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes of ``/ws/events``."""
+
+    GOING_AWAY = 1001  # server shutting down: reconnect elsewhere and resume
+    POLICY_VIOLATION = 1008  # message flood
+    MESSAGE_TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013  # connection limit reached
+    UNAUTHORIZED = 4003  # missing/invalid/expired token, or a foreign browser Origin
+    SLOW_CONSUMER = 4008
+
+
+class Action(enum.Enum):
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    PING = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    action: Action
+    event_types: Any = None  # validated against the known types by the dispatcher
+    last_event_id: Any = None
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Parse one client frame. Raises ProtocolError with a distinct code for each fault."""
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("message is not valid JSON", code="invalid_json") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("message must be a JSON object", code="not_an_object")
+    raw_action = message.get("action")
+    try:
+        action = Action(raw_action)
+    except ValueError:
+        known = ", ".join(a.value for a in Action)
+        raise ProtocolError(f"unknown action {raw_action!r}; known actions: {known}",
+                            code="unknown_action") from None
+    if action is Action.PING:
+        return ClientMessage(action)
+    if "event_types" not in message:
+        raise ProtocolError(f"{action.value} needs an event_types list",
+                            code="invalid_event_types")
+    return ClientMessage(action, message["event_types"], message.get("last_event_id"))
+
+
+def server_message(type_: str, data: dict[str, Any] | None = None) -> str:
+    """A control message in the envelope's shape: ``{"type", "timestamp", "data"}``."""
+    return orjson.dumps({"type": type_, "timestamp": now_timestamp(), "data": data or {}}).decode()
+
+
+def error_message(exc: ProtocolError) -> str:
+    return server_message("error", {"code": exc.code, "message": exc.message})

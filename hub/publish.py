@@ -1,0 +1,86 @@
+"""``Publisher``: publish events from another process (the proxy) through Redis, without
+running a hub server. The events reach every hub instance on that Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from redis import asyncio as aioredis
+
+from hub.config import Settings
+from hub.dispatch.redis import Backoff, append, open_redis
+from hub.events import Event, EventTypes, now_timestamp
+from hub.exceptions import BackendUnavailable
+
+
+class Publisher:
+    """Validates and appends events to hub's Redis stream::
+
+        async with Publisher("redis://localhost:6379/0") as publisher:
+            event = await publisher.publish("threat_detected", {...})
+
+    While Redis is unreachable, ``publish`` retries with jittered backoff for up to
+    ``retry_for_s`` seconds, then raises :class:`~hub.exceptions.BackendUnavailable`.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        redis: aioredis.Redis | None = None,
+        stream_key: str = "hub:events",
+        history_size: int = 10_000,
+        extra_event_types: Iterable[str] = (),
+        max_data_bytes: int = 64 * 1024,
+        retry_for_s: float = 10.0,
+    ) -> None:
+        if (redis_url is None) == (redis is None):
+            raise ValueError("give either redis_url or redis")
+        self._owns = redis is None
+        self.redis = redis if redis is not None else open_redis(redis_url or "")
+        self._key = stream_key
+        self._maxlen = history_size
+        self._types = EventTypes(extra_event_types)
+        self._max_data_bytes = max_data_bytes
+        self._retry_for_s = retry_for_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Publisher:
+        if not settings.redis_url:
+            raise ValueError("Publisher needs REDIS_URL")
+        return cls(settings.redis_url, stream_key=settings.stream_key,
+                   history_size=settings.history_size,
+                   extra_event_types=settings.extra_event_types,
+                   max_data_bytes=settings.max_data_bytes, **kwargs)
+
+    async def publish(self, type_: str, data: dict[str, Any]) -> Event:
+        """Validate and publish one event; return it with its id."""
+        name, clean = self._types.validate(type_, data, max_bytes=self._max_data_bytes)
+        event = Event(id="", type=name, timestamp=now_timestamp(), data=clean)
+        body = event.body()
+        deadline = time.monotonic() + self._retry_for_s
+        backoff = Backoff(base=0.05, cap=2.0)
+        while True:
+            try:
+                event.id = await append(self.redis, self._key, self._maxlen, body)
+                return event
+            except BackendUnavailable:
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def aclose(self) -> None:
+        if self._owns:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()

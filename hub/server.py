@@ -1,0 +1,58 @@
+"""Running hub under uvicorn with a graceful stop that loses nothing.
+
+uvicorn, on SIGTERM, closes WebSockets with 1012 *before* the application's lifespan
+shutdown runs, so a lifespan hook is too late to announce the stop or flush outboxes.
+``HubServer`` drains the hub first: ``system_status: shutdown`` goes out, each outbox is
+flushed and each client closed with 1001; then uvicorn's own shutdown proceeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import uvicorn
+
+from hub.app import HubApp, create_app
+from hub.config import Settings
+
+log = logging.getLogger("hub")
+
+
+class HubServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: HubApp) -> None:
+        super().__init__(config)
+        self.hub_app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # stop accepting while the hub drains
+        try:
+            await self.hub_app.hub.drain()
+        except Exception:  # the drain must never keep the process from exiting
+            log.exception("error while draining the hub")
+        await super().shutdown(sockets)
+
+
+def uvicorn_config(app: Any, settings: Settings, host: str, port: int, log_level: str,
+                   **extra: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on",
+        ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=20.0, ws_ping_timeout=20.0,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 5,
+        proxy_headers=True, server_header=False, **extra,
+    )
+
+
+def run(settings: Settings, *, host: str, port: int, workers: int = 1,
+        log_level: str = "info") -> None:
+    if workers > 1:
+        from hub.workers import run_workers
+
+        run_workers(settings, host=host, port=port, workers=workers, log_level=log_level)
+        return
+    app = create_app(settings)
+    server = HubServer(uvicorn_config(app, settings, host, port, log_level), app)
+    server.run()

@@ -1,0 +1,260 @@
+"""Socket.IO v4 at ``/socket.io/``: python-socketio's server, fed by hub's dispatcher.
+
+Each socket is a member of the dispatcher's rooms (one per event type) and of the same
+rooms in python-socketio's manager, so emits from external python-socketio processes keep
+working. Hub events skip python-socketio's per-recipient tasks: the packet is encoded once
+per event and queued on each Engine.IO socket, whose single writer sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import socketio
+from engineio import packet as eio_packet
+
+from hub.auth import AuthError, Principal, token_from_headers
+from hub.dispatch.base import Subscriber
+from hub.dispatch.manager import queue_eio_packet
+from hub.events import Event
+from hub.exceptions import BackendUnavailable, ProtocolError
+
+if TYPE_CHECKING:
+    from hub.app import Hub
+
+log = logging.getLogger("hub.socketio")
+NAMESPACE = "/"
+
+
+class SocketIOConnection(Subscriber):
+    transport = "socketio"
+
+    def __init__(self, transport: SocketIOTransport, sid: str, eio_sid: str,
+                 principal: Principal) -> None:
+        super().__init__(principal)
+        self.sid = sid
+        self.eio_sid = eio_sid
+        self._transport = transport
+        self._server = transport.sio
+        self._limit = transport.hub.settings.outbox_limit
+        self.kicked = False
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def _send(self, event: Event) -> None:
+        # One packet object per event per instance, shared by all its recipients.
+        self._queue(event.socketio_packet)
+
+    def emit_now(self, name: str, data: Any) -> None:
+        """Queue a hub-originated Socket.IO event (``history_truncated``) for this socket."""
+        text = "2" + orjson.dumps([name, data]).decode()
+        self._queue(eio_packet.Packet(eio_packet.MESSAGE, text))
+
+    def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
+        self.emit_now("history_truncated", {
+            "last_event_id": last_event_id, "first_retained_id": first_retained,
+            "message": "events after last_event_id were no longer retained; "
+                       "the replay starts at first_retained_id",
+        })
+
+    def _queue(self, pkt: eio_packet.Packet) -> None:
+        if self.kicked:
+            return
+        size = queue_eio_packet(self._server, self.eio_sid, pkt)
+        if size is not None and size > self._limit:
+            self._transport.kick_slow(self)
+
+    def rooms_changed(self, joined: set[str], left: set[str]) -> None:
+        manager = self._server.manager
+        for room in joined:
+            manager.basic_enter_room(self.sid, NAMESPACE, room)
+        for room in left:
+            manager.basic_leave_room(self.sid, NAMESPACE, room)
+
+
+class SocketIOTransport:
+    """python-socketio's AsyncServer wired to the dispatcher."""
+
+    def __init__(self, hub: Hub, manager: Any) -> None:
+        self.hub = hub
+        settings = hub.settings
+        origins: Any = None  # python-engineio's default: the hub's own origin only
+        if settings.allowed_origins:
+            origins = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
+        self.sio = socketio.AsyncServer(
+            async_mode="asgi",
+            client_manager=manager,
+            cors_allowed_origins=origins,
+            max_http_buffer_size=settings.max_message_bytes,
+            logger=False,
+            engineio_logger=False,
+        )
+        manager.on_connected = self._activate
+        self.connections: dict[str, SocketIOConnection] = {}
+        self._pending: dict[str, tuple[Principal, list[str] | None, Any]] = {}
+        self.sio.on("connect", self._connect)
+        self.sio.on("disconnect", self._disconnect)
+        self.sio.on("subscribe", self._subscribe)
+        self.sio.on("unsubscribe", self._unsubscribe)
+        self.asgi_app = socketio.ASGIApp(self.sio, socketio_path=None)
+
+    # -- connection lifecycle -----------------------------------------------------------
+    async def _connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
+        hub = self.hub
+        auth = auth if isinstance(auth, dict) else {}
+        token = auth.get("token")
+        if not isinstance(token, str) or not token:
+            token = token_from_headers(_headers(environ))
+        try:
+            principal = hub.verifier.verify(token)
+        except AuthError as exc:
+            hub.metrics.auth_failures.labels(exc.code).inc()
+            raise socketio.exceptions.ConnectionRefusedError(
+                "unauthorized", {"code": 4003, "reason": exc.code, "message": exc.message}
+            ) from None
+        types = None
+        if "event_types" in auth:
+            try:
+                types = hub.dispatcher.check_types(auth["event_types"])
+            except ProtocolError as exc:
+                raise socketio.exceptions.ConnectionRefusedError(
+                    exc.message, {"code": exc.code}) from None
+        refusal = hub.limits.acquire(principal.user_id)
+        if refusal is not None:
+            raise socketio.exceptions.ConnectionRefusedError(refusal, {"code": 1013})
+        self._pending[sid] = (principal, types, auth.get("last_event_id"))
+
+    def _activate(self, sid: str) -> None:
+        """Called once the client has been sent its CONNECT packet: start delivering."""
+        pending = self._pending.pop(sid, None)
+        if pending is None:
+            return
+        principal, types, last_event_id = pending
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        conn = SocketIOConnection(self, sid, eio_sid, principal)
+        self.connections[sid] = conn
+        self.hub.metrics.connections.labels(conn.transport).inc()
+        self.hub.dispatcher.add(conn, types)
+        if principal.expires_at is not None:
+            delay = max(0.0, principal.expires_at + self.hub.verifier.leeway - time.time())
+            conn.expiry = asyncio.get_running_loop().call_later(
+                delay, self._expire, conn)
+        if last_event_id is not None:
+            conn.begin_replay()  # hold live events until the replay is queued
+            asyncio.get_running_loop().create_task(self._resume_task(conn, last_event_id))
+
+    async def _disconnect(self, sid: str, reason: Any = None) -> None:
+        pending = self._pending.pop(sid, None)
+        if pending is not None:
+            self.hub.limits.release(pending[0].user_id)
+            return
+        conn = self.connections.pop(sid, None)
+        if conn is None:
+            return
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        self.hub.dispatcher.remove(conn)
+        self.hub.limits.release(conn.principal.user_id)
+        self.hub.metrics.connections.labels(conn.transport).dec()
+
+    def _expire(self, conn: SocketIOConnection) -> None:
+        conn.emit_now("token_expired", {"code": 4003, "message": "token expired"})
+        self._kick(conn)
+
+    def kick_slow(self, conn: SocketIOConnection) -> None:
+        self.hub.metrics.slow_consumers.labels(conn.transport).inc()
+        log.warning("disconnecting slow Socket.IO consumer %s (user %s)", conn.sid,
+                    conn.principal.user_id)
+        self._kick(conn, drop_queue=True)
+
+    def _kick(self, conn: SocketIOConnection, drop_queue: bool = False) -> None:
+        if conn.kicked:
+            return
+        conn.kicked = True
+        if drop_queue:
+            sock = self.sio.eio.sockets.get(conn.eio_sid)
+            if sock is not None:
+                # Free the backlog now; the socket is going away.
+                while not sock.queue.empty():
+                    sock.queue.get_nowait()
+                    sock.queue.task_done()
+        asyncio.get_running_loop().create_task(self._disconnect_now(conn))
+
+    async def _disconnect_now(self, conn: SocketIOConnection) -> None:
+        await self.sio.disconnect(conn.sid)
+        await self.sio.eio.disconnect(conn.eio_sid)
+
+    # -- client events ------------------------------------------------------------------
+    async def _subscribe(self, sid: str, data: Any) -> dict[str, Any]:
+        conn = self.connections.get(sid)
+        if conn is None:
+            return _error(ProtocolError("not connected", code="not_connected"))
+        dispatcher = self.hub.dispatcher
+        try:
+            payload = data if isinstance(data, dict) else {}
+            if not isinstance(data, dict):
+                raise ProtocolError("subscribe takes {event_types, last_event_id?}",
+                                    code="not_an_object")
+            types = dispatcher.check_types(payload.get("event_types"))
+            dispatcher.subscribe(conn, types)
+            ack: dict[str, Any] = {"subscribed_to": dispatcher.subscribed_to(conn)}
+            if payload.get("last_event_id") is not None:
+                result = await self._resume(conn, payload["last_event_id"])
+                ack.update(replayed=result["replayed"], truncated=result["truncated"],
+                           first_retained_id=result["first_retained_id"])
+        except ProtocolError as exc:
+            return _error(exc)
+        return ack
+
+    async def _unsubscribe(self, sid: str, data: Any) -> dict[str, Any]:
+        conn = self.connections.get(sid)
+        if conn is None:
+            return _error(ProtocolError("not connected", code="not_connected"))
+        dispatcher = self.hub.dispatcher
+        try:
+            if not isinstance(data, dict):
+                raise ProtocolError("unsubscribe takes {event_types}", code="not_an_object")
+            dispatcher.unsubscribe(conn, dispatcher.check_types(data.get("event_types")))
+        except ProtocolError as exc:
+            return _error(exc)
+        return {"subscribed_to": dispatcher.subscribed_to(conn)}
+
+    async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:
+        try:
+            result = await self.hub.dispatcher.resume(conn, last_event_id)
+        except BackendUnavailable:
+            raise ProtocolError("history is unavailable right now; live events continue",
+                                code="history_unavailable") from None
+        return {"last_event_id": last_event_id, "replayed": result.replayed,
+                "truncated": result.truncated, "first_retained_id": result.first_retained}
+
+    async def _resume_task(self, conn: SocketIOConnection, last_event_id: Any) -> None:
+        # Live events are held since _activate; dispatcher.resume keeps holding them.
+        try:
+            info = await self._resume(conn, last_event_id)
+        except ProtocolError as exc:
+            conn.end_replay()
+            conn.emit_now("error", {"code": exc.code, "message": exc.message})
+            return
+        conn.emit_now("resumed", info)
+
+    async def shutdown(self) -> None:
+        """Let queued events go out, then disconnect every socket."""
+        for conn in list(self.connections.values()):
+            await self.sio.disconnect(conn.sid)
+
+
+def _error(exc: ProtocolError) -> dict[str, Any]:
+    return {"error": {"code": exc.code, "message": exc.message}}
+
+
+def _headers(environ: dict[str, Any]) -> dict[str, str]:
+    headers = {}
+    if "HTTP_AUTHORIZATION" in environ:
+        headers["authorization"] = environ["HTTP_AUTHORIZATION"]
+    if "HTTP_COOKIE" in environ:
+        headers["cookie"] = environ["HTTP_COOKIE"]
+    return headers

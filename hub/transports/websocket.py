@@ -1,0 +1,264 @@
+"""``/ws/events``: the spec's plain WebSocket protocol.
+
+Each connection has a bounded outbox and one writer task; the dispatcher only appends to
+the outbox, so a broadcast never awaits a client. A client whose outbox fills up is closed
+with 4008 instead of growing the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from hub.auth import AuthError, Principal, origin_allowed, token_from_headers
+from hub.dispatch.base import Subscriber
+from hub.events import Event
+from hub.exceptions import BackendUnavailable, ProtocolError
+from hub.limits import TokenBucket
+from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
+from hub.protocol import server_message as control
+
+if TYPE_CHECKING:
+    from hub.app import Hub
+
+log = logging.getLogger("hub.websocket")
+_ids = itertools.count(1)
+
+
+class PlainConnection(Subscriber):
+    transport = "websocket"
+
+    def __init__(self, websocket: WebSocket, principal: Principal, outbox_limit: int,
+                 on_slow: Callable[[PlainConnection], None]) -> None:
+        super().__init__(principal)
+        self.websocket = websocket
+        self.connection_id = f"ws_{next(_ids)}_{secrets.token_hex(4)}"
+        self._outbox: deque[str] = deque()
+        self._limit = outbox_limit
+        self._wakeup = asyncio.Event()
+        self._close_after_flush: tuple[int, str] | None = None
+        self._closed = False
+        self._on_slow = on_slow
+        self.writer: asyncio.Task[None] | None = None
+
+    # -- outbox -------------------------------------------------------------------------
+    def _send(self, event: Event) -> None:
+        self.enqueue(event.text)
+
+    def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
+        self.enqueue(control("history_truncated", {
+            "last_event_id": last_event_id, "first_retained_id": first_retained,
+            "message": "events after last_event_id were no longer retained; "
+                       "the replay starts at first_retained_id",
+        }))
+
+    def enqueue(self, text: str) -> None:
+        if self._closed or self._close_after_flush is not None:
+            return
+        if len(self._outbox) >= self._limit:
+            self._on_slow(self)
+            self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
+            return
+        self._outbox.append(text)
+        self._wakeup.set()
+
+    async def run_writer(self) -> None:
+        ws = self.websocket
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._outbox:
+                    await ws.send_text(self._outbox.popleft())
+                if self._close_after_flush is not None:
+                    code, reason = self._close_after_flush
+                    self._closed = True
+                    await ws.close(code, reason)
+                    return
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            # The peer went away (or the socket was closed under us): nothing left to send.
+            self._closed = True
+
+    # -- closing ------------------------------------------------------------------------
+    def close_after_flush(self, code: int, reason: str) -> None:
+        """Send what is queued, then close (graceful shutdown)."""
+        if self._closed or self._close_after_flush is not None:
+            return
+        self._close_after_flush = (code, reason)
+        self._wakeup.set()
+
+    def abort(self, code: int, reason: str) -> None:
+        """Drop what is queued and close now (slow consumer, expiry, abuse)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._outbox.clear()
+        if self.writer is not None:
+            # The writer may be stuck in a send to a client that does not read; a frame
+            # already handed to the transport stays whole, so cancelling it is safe.
+            self.writer.cancel()
+        asyncio.get_running_loop().create_task(_close(self.websocket, code, reason))
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if websocket.application_state is WebSocketState.CONNECTED:
+        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+            await websocket.close(code, reason)
+
+
+class PlainTransport:
+    """The ``/ws/events`` endpoint of one hub instance."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.connections: set[PlainConnection] = set()
+
+    async def endpoint(self, websocket: WebSocket) -> None:
+        hub = self.hub
+        settings = hub.settings
+        headers = websocket.headers
+        if not origin_allowed(headers.get("origin"), headers.get("host"),
+                              settings.allowed_origins):
+            await self._refuse(websocket, "origin_not_allowed", "origin not allowed")
+            return
+        try:
+            principal = hub.verifier.verify(token_from_headers(headers))
+        except AuthError as exc:
+            await self._refuse(websocket, exc.code, exc.message)
+            return
+        refusal = hub.limits.acquire(principal.user_id)
+        if refusal is not None:
+            await websocket.accept()
+            await _close(websocket, CloseCode.TRY_AGAIN_LATER, refusal)
+            return
+        try:
+            await websocket.accept()
+            await self._serve(websocket, principal)
+        finally:
+            hub.limits.release(principal.user_id)
+
+    async def _refuse(self, websocket: WebSocket, reason: str, message: str) -> None:
+        # Accept, then close: a close before accept becomes an HTTP 403 that clients
+        # report as 1006, and the spec promises them 4003.
+        self.hub.metrics.auth_failures.labels(reason).inc()
+        await websocket.accept()
+        await _close(websocket, CloseCode.UNAUTHORIZED, message)
+
+    async def _serve(self, websocket: WebSocket, principal: Principal) -> None:
+        hub = self.hub
+        conn = PlainConnection(websocket, principal, hub.settings.outbox_limit, self._slow)
+        conn.writer = asyncio.create_task(conn.run_writer())
+        self.connections.add(conn)
+        hub.metrics.connections.labels(conn.transport).inc()
+        hub.dispatcher.add(conn)
+        conn.enqueue(control("connection_established", {
+            "user_id": principal.user_id,
+            "connection_id": conn.connection_id,
+            "instance_id": hub.settings.instance_id,
+            "event_types": hub.dispatcher.subscribed_to(conn),
+        }))
+        expiry = self._schedule_expiry(conn)
+        try:
+            last_event_id = websocket.headers.get("last-event-id")
+            if last_event_id:
+                try:
+                    await self._resume(conn, last_event_id)
+                except ProtocolError as exc:
+                    conn.enqueue(error_message(exc))
+            await self._read(websocket, conn)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            hub.dispatcher.remove(conn)
+            self.connections.discard(conn)
+            hub.metrics.connections.labels(conn.transport).dec()
+            if not conn.writer.done() and conn._close_after_flush is None:
+                conn.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await conn.writer
+
+    def _schedule_expiry(self, conn: PlainConnection) -> asyncio.TimerHandle | None:
+        expires_at = conn.principal.expires_at
+        if expires_at is None:
+            return None
+        delay = max(0.0, expires_at + self.hub.verifier.leeway - time.time())
+        return asyncio.get_running_loop().call_later(
+            delay, conn.abort, CloseCode.UNAUTHORIZED, "token expired")
+
+    def _slow(self, conn: PlainConnection) -> None:
+        self.hub.metrics.slow_consumers.labels(conn.transport).inc()
+        log.warning("closing slow consumer %s (user %s)", conn.connection_id,
+                    conn.principal.user_id)
+
+    async def _read(self, websocket: WebSocket, conn: PlainConnection) -> None:
+        settings = self.hub.settings
+        bucket = TokenBucket(settings.client_rate, settings.client_burst)
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                data = message.get("bytes") or b""
+                if len(data) > settings.max_message_bytes:
+                    conn.abort(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                    continue
+                try:
+                    text = data.decode()
+                except UnicodeDecodeError:
+                    conn.enqueue(error_message(ProtocolError(
+                        "binary frames must hold UTF-8 JSON", code="invalid_json")))
+                    continue
+            if len(text) > settings.max_message_bytes:
+                conn.abort(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                continue
+            if not bucket.take():
+                conn.abort(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
+                continue
+            try:
+                await self._handle(conn, parse_client_message(text))
+            except ProtocolError as exc:
+                conn.enqueue(error_message(exc))
+
+    async def _handle(self, conn: PlainConnection, message: ClientMessage) -> None:
+        dispatcher = self.hub.dispatcher
+        if message.action is Action.PING:
+            conn.enqueue(control("pong"))
+            return
+        types = dispatcher.check_types(message.event_types)
+        if message.action is Action.SUBSCRIBE:
+            dispatcher.subscribe(conn, types)
+        else:
+            dispatcher.unsubscribe(conn, types)
+        conn.enqueue(control("subscription_updated",
+                             {"subscribed_to": dispatcher.subscribed_to(conn)}))
+        if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
+            await self._resume(conn, message.last_event_id)
+
+    async def _resume(self, conn: PlainConnection, last_event_id: object) -> None:
+        try:
+            result = await self.hub.dispatcher.resume(conn, last_event_id)
+        except BackendUnavailable:
+            raise ProtocolError("history is unavailable right now; live events continue",
+                                code="history_unavailable") from None
+        conn.enqueue(control("resumed", {
+            "last_event_id": last_event_id, "replayed": result.replayed,
+            "truncated": result.truncated, "first_retained_id": result.first_retained,
+        }))
+
+    async def shutdown(self) -> None:
+        """Flush every outbox, then close each connection with 1001."""
+        for conn in tuple(self.connections):
+            conn.close_after_flush(CloseCode.GOING_AWAY, "server shutting down")
+        writers = [c.writer for c in self.connections if c.writer is not None]
+        if writers:
+            await asyncio.wait(writers, timeout=self.hub.settings.shutdown_timeout_s)
