@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -43,21 +42,15 @@ def strip_bearer(value: str) -> str:
 
 
 def token_from_cookie(cookie_header: str) -> str | None:
-    """The ``ks_access_token`` cookie, with or without ``Bearer ``, URL-encoded or not."""
-    cookies: SimpleCookie = SimpleCookie()
-    try:
-        cookies.load(cookie_header)
-    except CookieError:
-        # SimpleCookie gives up on the whole header at one odd cookie; fall back to a split.
-        for part in cookie_header.split(";"):
-            name, sep, value = part.strip().partition("=")
-            if sep and name == COOKIE_NAME:
-                return strip_bearer(unquote(value.strip('"'))) or None
-        return None
-    morsel = cookies.get(COOKIE_NAME)
-    if morsel is None:
-        return None
-    return strip_bearer(unquote(morsel.value)) or None
+    """The ``ks_access_token`` cookie, with or without ``Bearer ``, URL-encoded or not.
+
+    Split by hand: ``SimpleCookie`` drops a whole header at one value it dislikes, and a
+    ``Bearer <jwt>`` value (with its space) is exactly such a value."""
+    for part in cookie_header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name.strip() == COOKIE_NAME:
+            return strip_bearer(unquote(value.strip().strip('"'))) or None
+    return None
 
 
 def token_from_headers(headers: Mapping[str, str]) -> str | None:

@@ -41,6 +41,7 @@ class Dispatcher:
         self._max_subscribe_types = max_subscribe_types
         self.rooms: dict[str, set[Subscriber]] = {name: set() for name in types.names}
         self._waiters: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self._last_delivered: tuple[int, int] = (0, 0)
 
     async def start(self) -> None:
         await self.backend.start(self._deliver)
@@ -72,6 +73,8 @@ class Dispatcher:
     # -- delivery -----------------------------------------------------------------------
     async def wait_delivered(self, event: Event, timeout: float) -> bool:
         """Wait until this instance has handed ``event`` to its local clients."""
+        if self._last_delivered >= event.key:
+            return True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (event.key, future)
         self._waiters.append(entry)
@@ -85,6 +88,7 @@ class Dispatcher:
         return True
 
     def _deliver(self, event: Event) -> None:
+        self._last_delivered = event.key
         if self._waiters:
             self._wake_waiters(event)
         members = self.rooms.get(event.type)

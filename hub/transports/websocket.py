@@ -38,7 +38,8 @@ class PlainConnection(Subscriber):
     transport = "websocket"
 
     def __init__(self, websocket: WebSocket, principal: Principal, outbox_limit: int,
-                 on_slow: Callable[[PlainConnection], None]) -> None:
+                 on_slow: Callable[[PlainConnection], None],
+                 on_abort: Callable[[PlainConnection], None]) -> None:
         super().__init__(principal)
         self.websocket = websocket
         self.connection_id = f"ws_{next(_ids)}_{secrets.token_hex(4)}"
@@ -48,6 +49,7 @@ class PlainConnection(Subscriber):
         self._close_after_flush: tuple[int, str] | None = None
         self._closed = False
         self._on_slow = on_slow
+        self._on_abort = on_abort
         self.writer: asyncio.Task[None] | None = None
 
     # -- outbox -------------------------------------------------------------------------
@@ -102,6 +104,7 @@ class PlainConnection(Subscriber):
             return
         self._closed = True
         self._outbox.clear()
+        self._on_abort(self)  # stop fan-out to it now, not when its TCP connection ends
         if self.writer is not None:
             # The writer may be stuck in a send to a client that does not read; a frame
             # already handed to the transport stays whole, so cancelling it is safe.
@@ -155,7 +158,8 @@ class PlainTransport:
 
     async def _serve(self, websocket: WebSocket, principal: Principal) -> None:
         hub = self.hub
-        conn = PlainConnection(websocket, principal, hub.settings.outbox_limit, self._slow)
+        conn = PlainConnection(websocket, principal, hub.settings.outbox_limit, self._slow,
+                               hub.dispatcher.remove)
         conn.writer = asyncio.create_task(conn.run_writer())
         self.connections.add(conn)
         hub.metrics.connections.labels(conn.transport).inc()

