@@ -75,6 +75,17 @@ class SocketIOConnection(Subscriber):
             manager.basic_leave_room(self.sid, NAMESPACE, room)
 
 
+class _Server(socketio.AsyncServer):  # type: ignore[misc]
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
+        await super()._handle_eio_disconnect(eio_sid, reason)
+        sock = self.eio.sockets.get(eio_sid)
+        if sock is not None:
+            # A long-polling GET may still wait on this socket's queue (engine.io closes a
+            # polling socket without waking it, which holds a client's disconnect and the
+            # server's shutdown for up to a ping interval): wake it with the end marker.
+            sock.queue.put_nowait(None)
+
+
 class SocketIOTransport:
     """python-socketio's AsyncServer wired to the dispatcher."""
 
@@ -84,7 +95,7 @@ class SocketIOTransport:
         origins: Any = None  # python-engineio's default: the hub's own origin only
         if settings.allowed_origins:
             origins = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
-        self.sio = socketio.AsyncServer(
+        self.sio = _Server(
             async_mode="asgi",
             client_manager=manager,
             cors_allowed_origins=origins,

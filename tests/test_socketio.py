@@ -1,0 +1,130 @@
+"""Socket.IO at /socket.io/ with python-socketio's official AsyncClient."""
+
+from __future__ import annotations
+
+import pytest
+import socketio
+
+from tests.conftest import RunningHub, make_settings, make_token, run_hub
+from tests.helpers import HEALTH, THREAT
+from tests.sio_helpers import SioClient
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_events_arrive_with_the_type_as_event_name(any_hub: RunningHub,
+                                                         transport: str) -> None:
+    client = SioClient()
+    await client.connect(any_hub.url, auth={"token": make_token()}, transports=[transport])
+    published = await any_hub.publish("threat_detected", THREAT)
+    envelope = await client.next_event()
+    assert envelope == {"id": published.id, "type": "threat_detected",
+                        "timestamp": published.timestamp, "data": published.data}
+    await client.close()
+
+
+async def test_subscribe_and_unsubscribe_acknowledge(any_hub: RunningHub) -> None:
+    client = SioClient()
+    await client.connect(any_hub.url, auth={"token": make_token()})
+    ack = await client.call("subscribe", {"event_types": ["provider_health_change"]})
+    assert ack == {"subscribed_to": ["provider_health_change"]}
+    await any_hub.publish("threat_detected", THREAT)
+    health = await any_hub.publish("provider_health_change", HEALTH)
+    assert (await client.next_event())["id"] == health.id
+
+    ack = await client.call("subscribe", {"event_types": ["threat_detected"]})
+    assert ack == {"subscribed_to": ["provider_health_change", "threat_detected"]}
+    ack = await client.call("unsubscribe", {"event_types": ["provider_health_change"]})
+    assert ack == {"subscribed_to": ["threat_detected"]}
+    await any_hub.publish("provider_health_change", HEALTH)
+    threat = await any_hub.publish("threat_detected", THREAT)
+    assert (await client.next_event())["id"] == threat.id
+    await client.close()
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    ({"event_types": ["nope"]}, "unknown_event_type"),
+    ({"event_types": "threat_detected"}, "invalid_event_types"),
+    ("threat_detected", "not_an_object"),
+    ({"event_types": ["threat_detected"], "last_event_id": "yesterday"},
+     "invalid_last_event_id"),
+])
+async def test_bad_subscribe_gets_an_error_ack(memory_hub: RunningHub, payload: object,
+                                               code: str) -> None:
+    client = SioClient()
+    await client.connect(memory_hub.url, auth={"token": make_token()})
+    ack = await client.call("subscribe", payload)
+    assert ack["error"]["code"] == code
+    assert ack["error"]["message"]
+    assert client.client.connected
+    await client.close()
+
+
+async def test_auth_event_types_choose_the_initial_rooms(memory_hub: RunningHub) -> None:
+    client = SioClient()
+    await client.connect(memory_hub.url, auth={"token": make_token(),
+                                               "event_types": ["provider_health_change"]})
+    await memory_hub.publish("threat_detected", THREAT)
+    health = await memory_hub.publish("provider_health_change", HEALTH)
+    assert (await client.next_event())["id"] == health.id
+    await client.close()
+
+
+@pytest.mark.parametrize("auth", [
+    None,
+    {"token": make_token(secret="another-secret-that-is-also-long-enough!")},
+    {"token": make_token(ttl=-5)},
+    {"token": "garbage"},
+], ids=["missing", "forged", "expired", "malformed"])
+async def test_refusal_is_connect_error_with_code_4003(memory_hub: RunningHub,
+                                                       auth: dict[str, str] | None) -> None:
+    client = SioClient()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await client.connect(memory_hub.url, auth=auth)
+    error = await client.connect_error
+    assert error["message"] == "unauthorized"
+    assert error["data"]["code"] == 4003
+
+
+async def test_token_from_header_and_cookie(memory_hub: RunningHub) -> None:
+    by_header = SioClient()
+    await by_header.connect(memory_hub.url,
+                            headers={"Authorization": f"Bearer {make_token('h')}"})
+    by_cookie = SioClient()
+    await by_cookie.connect(memory_hub.url,
+                            headers={"Cookie": f"ks_access_token=Bearer%20{make_token('c')}"})
+    event = await memory_hub.publish("threat_detected", THREAT)
+    assert (await by_header.next_event())["id"] == event.id
+    assert (await by_cookie.next_event())["id"] == event.id
+    await by_header.close()
+    await by_cookie.close()
+
+
+async def test_foreign_origin_is_refused(memory_hub: RunningHub) -> None:
+    client = SioClient()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await client.connect(memory_hub.url, auth={"token": make_token()},
+                             headers={"Origin": "https://evil.example"})
+
+
+async def test_tenant_isolation_over_socketio() -> None:
+    async with run_hub(make_settings()) as running:
+        acme, globex = SioClient(), SioClient()
+        await acme.connect(running.url, auth={"token": make_token("a", tenant_id="acme")})
+        await globex.connect(running.url, auth={"token": make_token("g", tenant_id="globex")})
+        private = await running.publish("threat_detected", {**THREAT, "tenant_id": "acme"})
+        public = await running.publish("threat_detected", THREAT)
+        assert (await acme.next_event())["id"] == private.id
+        assert (await acme.next_event())["id"] == public.id
+        assert (await globex.next_event())["id"] == public.id
+        await acme.close()
+        await globex.close()
+
+
+async def test_token_expiry_disconnects(memory_hub: RunningHub) -> None:
+    client = SioClient()
+    await client.connect(memory_hub.url, auth={"token": make_token(ttl=1)})
+    import asyncio
+
+    await asyncio.wait_for(client.disconnected.wait(), 15)
+    name, data = client.other.get_nowait()
+    assert (name, data["code"]) == ("token_expired", 4003)
