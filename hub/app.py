@@ -70,7 +70,7 @@ class Hub:
             legacy_channel=settings.legacy_channel,
             legacy_parser=self._parse_legacy,
             on_reconnect=self.metrics.redis_reconnects.inc,
-            on_invalid_legacy=self.metrics.legacy_invalid.inc,
+            on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
         )
 
     def _parse_legacy(self, raw: bytes) -> Any:

@@ -29,9 +29,10 @@ class Metrics:
         self.redis_reconnects = Counter(
             "hub_redis_reconnects", "Times a Redis loop reconnected after losing Redis",
             registry=r)
-        self.legacy_invalid = Counter(
-            "hub_legacy_invalid", "Invalid envelopes seen on the legacy Redis channel",
-            registry=r)
+        self.legacy = Counter(
+            "hub_legacy_envelopes", "Envelopes read from the legacy Redis channel, by result "
+            "(appended: this instance entered it; duplicate: another instance did; invalid)",
+            ["result"], registry=r)
         self.latency = Histogram(
             "hub_publish_to_send_seconds",
             "From the event's timestamp to its hand-off to the local outboxes",

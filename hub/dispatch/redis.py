@@ -129,7 +129,7 @@ class RedisBackend(Backend):
         legacy_channel: str,
         legacy_parser: LegacyParser,
         on_reconnect: Callable[[], None] = lambda: None,
-        on_invalid_legacy: Callable[[], None] = lambda: None,
+        on_legacy: Callable[[str], None] = lambda result: None,
     ) -> None:
         self.redis = client
         self._owns_client = owns_client
@@ -138,7 +138,7 @@ class RedisBackend(Backend):
         self._legacy_channel = legacy_channel
         self._legacy_parser = legacy_parser
         self._on_reconnect = on_reconnect
-        self._on_invalid_legacy = on_invalid_legacy
+        self._on_legacy = on_legacy
         self._on_event: Callable[[Event], None] | None = None
         self._last_id = "0-0"
         self._reader_alive = False
@@ -277,12 +277,13 @@ class RedisBackend(Backend):
         payload = raw.encode() if isinstance(raw, str) else raw
         parsed = self._legacy_parser(payload)
         if parsed is None:
-            self._on_invalid_legacy()
+            self._on_legacy("invalid")
             return
         type_, timestamp, data = parsed
         body = Event(id="", type=type_, timestamp=timestamp, data=data).body()
         digest = hashlib.sha256(payload).hexdigest()
-        await self._ingest(
+        appended = await self._ingest(
             keys=[self._key, f"{self._key}:legacy:{digest}"],
             args=[self._maxlen, body, LEGACY_DEDUP_MS],
         )
+        self._on_legacy("appended" if appended else "duplicate")

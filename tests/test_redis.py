@@ -1,0 +1,183 @@
+"""Several instances on one Redis: the stream path, python-socketio's channel, the legacy
+channel, outages. Every test uses real redis-server processes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+import socketio
+
+from hub import Publisher
+from tests.conftest import RedisServer, RunningHub, make_settings, make_token, run_hub
+from tests.helpers import HEALTH, THREAT, connected, recv_json, send_json, wait_until
+from tests.sio_helpers import SioClient
+
+
+async def test_event_posted_to_one_instance_reaches_both_transports_on_the_other(
+        redis_hubs: tuple[RunningHub, RunningHub]) -> None:
+    a, b = redis_hubs
+    plain = await connected(b.ws_url, make_token("p"))
+    await send_json(plain, {"action": "subscribe", "event_types": ["threat_detected"]})
+    await recv_json(plain)
+    sio = SioClient()
+    await sio.connect(b.url, auth={"token": make_token("s")})
+    assert await sio.call("subscribe", {"event_types": ["provider_health_change"]})
+
+    async with httpx.AsyncClient() as http:
+        headers = {"Authorization": f"Bearer {make_token('pub', role='admin')}"}
+        threat = (await http.post(f"{a.url}/events", headers=headers,
+                                  json={"type": "threat_detected", "data": THREAT})).json()
+        health = (await http.post(f"{a.url}/events", headers=headers,
+                                  json={"type": "provider_health_change", "data": HEALTH})).json()
+    got = await recv_json(plain)
+    assert got["id"] == threat["id"]
+    assert set(got) == {"id", "type", "timestamp", "data"}
+    assert got["data"]["attack_type"] == "prompt_injection"
+    envelope = await sio.next_event()
+    assert envelope["id"] == health["id"]  # the threat was filtered out by its subscription
+    assert envelope["data"] == HEALTH
+    await plain.close()
+    await sio.close()
+
+
+async def test_ids_are_ordered_across_instances_and_each_client_sees_publish_order(
+        redis_hubs: tuple[RunningHub, RunningHub]) -> None:
+    a, b = redis_hubs
+    watchers = [await connected(h.ws_url, make_token()) for h in (a, b)]
+    published = []
+    for i in range(20):
+        source = a if i % 2 else b
+        published.append(await source.publish("cost_threshold_alert",
+                                              {"severity": "info", "message": f"m{i}"}))
+    ids = [e.id for e in published]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    for ws in watchers:
+        assert [(await recv_json(ws))["id"] for _ in ids] == ids
+        await ws.close()
+
+
+async def test_external_write_only_socketio_emitter_reaches_hub_clients(
+        redis_hubs: tuple[RunningHub, RunningHub], redis_server: RedisServer) -> None:
+    a, b = redis_hubs
+    clients = [SioClient(), SioClient()]
+    await clients[0].connect(a.url, auth={"token": make_token()})
+    await clients[1].connect(b.url, auth={"token": make_token()})
+    emitter = socketio.AsyncRedisManager(redis_server.url, write_only=True,
+                                         channel=a.hub.settings.socketio_channel)
+    envelope = {"id": "0-1", "type": "threat_detected", "timestamp": "2025-01-15T10:30:00Z",
+                "data": THREAT}
+    await emitter.emit("threat_detected", envelope, namespace="/", room="threat_detected")
+    for client in clients:
+        assert (await client.next_event())["data"] == THREAT
+        await client.close()
+    await emitter.redis.aclose()
+
+
+async def test_legacy_channel_envelopes_reach_each_client_exactly_once(
+        redis_hubs: tuple[RunningHub, RunningHub], redis_server: RedisServer) -> None:
+    a, b = redis_hubs
+    watchers = [await connected(h.ws_url, make_token()) for h in (a, b)]
+    channel = a.hub.settings.legacy_channel
+    raw = redis_server.client()
+    await wait_until(lambda: raw.pubsub_numsub(channel)[0][1] >= 2,
+                     what="both instances to subscribe to the legacy channel")
+    raw.publish(channel, b"{not json")
+    raw.publish(channel, orjson.dumps({"type": "threat_detected", "data": {"severity": "x"}}))
+    for n in range(3):
+        raw.publish(channel, orjson.dumps({
+            "type": "threat_detected", "timestamp": "2025-01-15T10:30:00Z",
+            "data": {**THREAT, "threat_id": f"thr_legacy{n}"}}))
+    def count(result: str) -> float:
+        return sum(h.hub.metrics.legacy.labels(result)._value.get() for h in (a, b))
+
+    await wait_until(lambda: count("appended") + count("duplicate") == 6,
+                     what="both instances to read the three good envelopes")
+    assert (count("appended"), count("duplicate"), count("invalid")) == (3, 3, 4)
+    marker = await a.publish("system_status", {"status": "config_change"})
+    for ws in watchers:
+        seen = []
+        while True:
+            message = await recv_json(ws, skip_status=False)
+            if message["id"] == marker.id:
+                break
+            if message["type"] == "threat_detected":
+                seen.append(message["data"]["threat_id"])
+        assert seen == ["thr_legacy0", "thr_legacy1", "thr_legacy2"]
+        await ws.close()
+    raw.close()
+
+
+async def test_publisher_from_another_process_reaches_every_instance(
+        redis_hubs: tuple[RunningHub, RunningHub], redis_server: RedisServer) -> None:
+    a, b = redis_hubs
+    watchers = [await connected(h.ws_url, make_token()) for h in (a, b)]
+    settings = a.hub.settings
+    async with Publisher(redis_server.url, stream_key=settings.stream_key) as publisher:
+        event = await publisher.publish("cost_threshold_alert", {
+            "severity": "critical", "message": "monthly budget exceeded", "threshold": 1000})
+    for ws in watchers:
+        got = await recv_json(ws)
+        assert got["id"] == event.id
+        assert got["data"]["threshold"] == 1000
+        await ws.close()
+
+
+async def test_health_follows_the_subscriber_through_a_redis_outage(own_redis: RedisServer
+                                                                    ) -> None:
+    settings = make_settings(redis_url=own_redis.url)
+    async with run_hub(settings) as running, httpx.AsyncClient() as http:
+        ws = await connected(running.ws_url, make_token())
+        health = (await http.get(f"{running.url}/ws/health")).json()
+        assert health["status"] == "healthy"
+        assert health["redis_connected"] is True
+        assert health["backend"] == "redis"
+
+        own_redis.stop()
+        await wait_until(lambda: not running.hub.dispatcher.backend.connected,
+                         what="the backend to notice the outage")
+        response = await http.get(f"{running.url}/ws/health")
+        assert response.status_code == 200
+        assert response.json()["status"] == "degraded"
+        assert response.json()["redis_connected"] is False
+        # The connection survives the outage.
+        await send_json(ws, {"action": "ping"})
+        assert (await recv_json(ws))["type"] == "pong"
+
+        own_redis.start()
+        await wait_until(lambda: running.hub.dispatcher.backend.connected, timeout=20,
+                         what="the backend to reconnect")
+        assert (await http.get(f"{running.url}/ws/health")).json()["status"] == "healthy"
+        event = await running.publish("threat_detected", THREAT)
+        assert (await recv_json(ws))["id"] == event.id
+        assert running.hub.metrics.redis_reconnects._value.get() >= 1
+        await ws.close()
+
+
+async def test_host_owned_client_with_decoded_responses(redis_server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    settings = make_settings()
+    async with run_hub(settings, redis=client) as running:
+        sio = SioClient()
+        await sio.connect(running.url, auth={"token": make_token()})
+        ws = await connected(running.ws_url, make_token())
+        event = await running.publish("threat_detected", THREAT)
+        assert (await recv_json(ws))["id"] == event.id
+        assert (await sio.next_event())["id"] == event.id
+        await ws.close()
+        await sio.close()
+    assert await client.ping()  # the host's client is not closed by the hub
+    await client.aclose()
+
+
+async def test_instances_keep_serving_local_clients_when_started_in_any_order(
+        redis_server: RedisServer) -> None:
+    """A plain-only instance must hear other instances from start-up on."""
+    settings = make_settings(redis_url=redis_server.url)
+    async with run_hub(settings) as a, run_hub(settings.replace(instance_id="b")) as b:
+        ws = await connected(b.ws_url, make_token())
+        event = await a.publish("threat_detected", THREAT)
+        assert (await asyncio.wait_for(recv_json(ws), 10))["id"] == event.id
+        await ws.close()
