@@ -153,9 +153,12 @@ class Hub:
         if not principal.can_publish:
             self.metrics.auth_failures.labels("forbidden").inc()
             return _error(403, "forbidden", "this token's role may not publish")
-        body = await request.body()
-        if len(body) > self.settings.max_data_bytes + 4096:
-            return _error(413, "event_too_large", "request body too large")
+        limit = self.settings.max_data_bytes + 4096  # data plus the envelope around it
+        body = bytearray()
+        async for chunk in request.stream():  # stop reading at the limit, not after it
+            body += chunk
+            if len(body) > limit:
+                return _error(413, "event_too_large", "request body too large")
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:

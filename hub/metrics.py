@@ -1,8 +1,18 @@
-"""Prometheus metrics, one registry per app (two apps in one process keep separate counts)."""
+"""Prometheus metrics, one registry per app (two apps in one process keep separate counts).
+
+With several worker processes (``hub serve --workers N``) a scrape reaches whichever worker
+accepts it, so each worker must answer for all of them: the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` before the workers start, prometheus_client then keeps every
+value in a per-process file there, and the registry holds a ``MultiProcessCollector`` that
+sums the files of all workers (connections: of the live ones only).
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -10,9 +20,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        r: CollectorRegistry | None = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Values live in the shared directory; the collector reads every worker's back.
+            MultiProcessCollector(self.registry)
+            r = None
         self.connections = Gauge(
-            "hub_connections", "Open client connections", ["transport"], registry=r)
+            "hub_connections", "Open client connections", ["transport"], registry=r,
+            multiprocess_mode="livesum")
         self.published = Counter(
             "hub_events_published", "Events accepted for publishing on this instance",
             ["type"], registry=r)
@@ -37,6 +52,10 @@ class Metrics:
             "hub_publish_to_send_seconds",
             "From the event's timestamp to its hand-off to the local outboxes",
             buckets=LATENCY_BUCKETS, registry=r)
+        for transport in ("websocket", "socketio"):
+            # Export zeros from the start, so dashboards show 0 rather than "no data".
+            self.connections.labels(transport)
+            self.slow_consumers.labels(transport)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
