@@ -154,6 +154,7 @@ class Event:
     _text: str | None = field(default=None, repr=False)
     _sio: str | None = field(default=None, repr=False)
     _sio_packet: Any = field(default=None, repr=False)
+    _key: tuple[int, int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         tenant = self.data.get("tenant_id")
@@ -161,8 +162,10 @@ class Event:
 
     @property
     def key(self) -> tuple[int, int]:
-        """The id as a sortable pair."""
-        return id_key(self.id)
+        """The id as a sortable pair (parsed once)."""
+        if self._key is None:
+            self._key = id_key(self.id)
+        return self._key
 
     def envelope(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "timestamp": self.timestamp, "data": self.data}

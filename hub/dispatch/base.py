@@ -87,6 +87,10 @@ class Subscriber(abc.ABC):
         # After a replay: the newest id it sent. Live events up to it were already sent
         # (this instance may read the stream later than the replay read history).
         self._skip_until: tuple[int, int] | None = None
+        # What this connection has been sent live, for a resume not to send it twice:
+        # per type, the stream position when it joined that room, and the newest id sent.
+        self.live_since: dict[str, tuple[int, int]] = {}
+        self.last_sent: tuple[int, int] = (0, 0)
 
     def push(self, event: Event) -> None:
         if self.state is SubscriberState.LIVE:
@@ -94,9 +98,15 @@ class Subscriber(abc.ABC):
                 if event.key <= self._skip_until:
                     return
                 self._skip_until = None
+            self.last_sent = event.key
             self._send(event)
         elif self.state is SubscriberState.REPLAYING:
             self._held.append(event)
+
+    def was_sent(self, event: Event) -> bool:
+        """Whether ``event`` already reached this connection live."""
+        since = self.live_since.get(event.type)
+        return since is not None and since < event.key <= self.last_sent
 
     def begin_replay(self) -> None:
         """Hold live events back (idempotent: events already held stay held)."""
@@ -108,7 +118,7 @@ class Subscriber(abc.ABC):
         sent = 0
         for event in events:
             self._send(event)
-            self._skip_until = event.key
+            self._skip_until = self.last_sent = event.key
             sent += 1
         return sent
 

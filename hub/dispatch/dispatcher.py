@@ -126,6 +126,7 @@ class Dispatcher:
         joined = set(self.subscribed_to(sub))
         for name in joined:
             self.rooms[name].add(sub)
+            sub.live_since[name] = self._last_delivered
         sub.rooms_changed(joined, set())
 
     def remove(self, sub: Subscriber) -> None:
@@ -164,8 +165,10 @@ class Dispatcher:
         old = set(self.subscribed_to(sub))
         for name in old - new:
             self.rooms[name].discard(sub)
+            sub.live_since.pop(name, None)
         for name in new - old:
             self.rooms[name].add(sub)
+            sub.live_since[name] = self._last_delivered
         sub.types = new
         sub.rooms_changed(new - old, old - new)
 
@@ -183,8 +186,8 @@ class Dispatcher:
             sub.end_replay()  # the live stream goes on; the caller tells the client
             raise
         wanted = set(self.subscribed_to(sub))
-        events = [e for e in history.events
-                  if e.type in wanted and sub.principal.may_see(e.tenant)]
+        events = [e for e in history.events if e.type in wanted
+                  and sub.principal.may_see(e.tenant) and not sub.was_sent(e)]
         if history.truncated:
             sub.notify_truncated(last_event_id, history.first_retained)
         sub.replay(events)

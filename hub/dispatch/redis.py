@@ -201,8 +201,12 @@ class RedisBackend(Backend):
         events = [ev for ev in map(self._decode, entries) if ev is not None]
         first = info.get("first-entry")
         first_id = _str(first[0]) if first else None
-        deleted = info.get("max-deleted-entry-id")
-        truncated = bool(deleted) and id_key(_str(deleted)) > id_key(after)
+        # Trimming leaves no trace but the first entry moving on: if the client's id is older
+        # than the oldest retained one, events in between may be gone (the id itself was
+        # trimmed). Conservative: it may say so when the gap held nothing.
+        added = info.get("entries-added")  # Redis >= 7; older servers: assume trimming
+        trimmed = added is None or added > info.get("length", 0)
+        truncated = first_id is not None and trimmed and id_key(first_id) > id_key(after)
         return History(events=events, truncated=truncated, first_retained=first_id)
 
     def _decode(self, entry: tuple[Any, dict[Any, Any]]) -> Event | None:
