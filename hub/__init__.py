@@ -5,9 +5,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from hub.app import Hub, HubApp, create_app  # noqa: E402
-from hub.config import Settings  # noqa: E402
-from hub.events import Event  # noqa: E402
-from hub.publish import Publisher  # noqa: E402
+from hub.app import Hub, HubApp, create_app
+from hub.config import Settings
+from hub.events import Event
+from hub.publish import Publisher
 
 __all__ = ["Event", "Hub", "HubApp", "Publisher", "Settings", "__version__", "create_app"]

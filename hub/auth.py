@@ -13,6 +13,9 @@ import jwt
 from hub.config import Settings
 from hub.exceptions import AuthError
 
+__all__ = ["AuthError", "Principal", "TokenVerifier", "issue_token", "origin_allowed",
+           "strip_bearer", "token_from_cookie", "token_from_headers"]
+
 COOKIE_NAME = "ks_access_token"
 # A JWT bigger than this is refused before it is parsed: nobody needs 8 KiB of claims.
 MAX_TOKEN_BYTES = 8 * 1024
@@ -90,7 +93,7 @@ class TokenVerifier:
             raise AuthError("no token", code="missing_token")
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("token too large", code="malformed_token")
-        options: dict[str, Any] = {"require": ["sub"], "verify_aud": self._audience is not None}
+        options: Any = {"require": ["sub"], "verify_aud": self._audience is not None}
         try:
             claims = jwt.decode(
                 token,

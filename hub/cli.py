@@ -110,17 +110,20 @@ def _print_dev_banner(settings: Settings, host: str, port: int, dev_secret: str 
         f"  viewer token: {viewer}",
         f"  admin token:  {admin}",
         "",
-        "  Connect (Python):",
-        f"    python -m websockets ws://{base}/ws/events  # needs a header; see README",
-        "    python -c \"import asyncio, websockets; asyncio.run((lambda: None)())\"",
+        "  Listen on /ws/events (Python, the websockets library):",
+        "    python -c 'import asyncio, websockets",
+        "    async def main():",
+        f"        async with websockets.connect(\"ws://{base}/ws/events\", additional_headers="
+        f"{{\"Authorization\": \"Bearer {viewer}\"}}) as ws:",
+        "            async for message in ws: print(message)",
+        "    asyncio.run(main())'",
         "",
-        "  Listen with the bundled client:",
-        f"    python -m hub tail --url http://{base} --token {viewer[:16]}…",
         "  Publish a test event:",
-        f"    curl -X POST http://{base}/events -H 'Authorization: Bearer <admin token>' \\",
+        f"    curl -X POST http://{base}/events -H 'Authorization: Bearer {admin}' \\",
         "      -H 'Content-Type: application/json' -d '{\"type\": \"threat_detected\", "
         "\"data\": {\"severity\": \"high\", \"attack_type\": \"prompt_injection\", "
         "\"confidence\": 0.92, \"action_taken\": \"blocked\"}}'",
+        "",
         f"  Dashboard: http://{base}/dashboard   Health: http://{base}/ws/health",
         "",
     ]

@@ -70,7 +70,7 @@ class Settings:
         for f in dataclasses.fields(cls):
             name = _ENV_NAMES.get(f.name, "HUB_" + f.name.upper())
             raw = env.get(name)
-            if raw is None or raw == "" and f.name not in _EMPTY_ALLOWED:
+            if raw is None or (raw == "" and f.name not in _EMPTY_ALLOWED):
                 continue
             values[f.name] = _parse(f.name, name, raw, f.type)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -22,7 +22,9 @@ THREAT_DETECTED: Final = "threat_detected"
 PROVIDER_HEALTH_CHANGE: Final = "provider_health_change"
 COST_THRESHOLD_ALERT: Final = "cost_threshold_alert"
 SYSTEM_STATUS: Final = "system_status"
-BUILTIN_TYPES: Final = (THREAT_DETECTED, PROVIDER_HEALTH_CHANGE, COST_THRESHOLD_ALERT, SYSTEM_STATUS)
+BUILTIN_TYPES: Final = (
+    THREAT_DETECTED, PROVIDER_HEALTH_CHANGE, COST_THRESHOLD_ALERT, SYSTEM_STATUS,
+)
 
 Validator = Callable[[dict[str, Any]], None]
 
@@ -144,7 +146,7 @@ def is_event_id(value: object) -> bool:
 
 @dataclass(slots=True)
 class Event:
-    """One stamped event. ``payload`` is the envelope without ``id``: ``{type, timestamp, data}``."""
+    """One stamped event; :meth:`envelope` is what clients receive."""
 
     id: str
     type: str
@@ -221,7 +223,8 @@ class EventTypes:
     def unknown(self, names: Iterable[str]) -> list[str]:
         return [n for n in names if n not in self._validators]
 
-    def validate(self, type_: object, data: object, *, max_bytes: int) -> tuple[str, dict[str, Any]]:
+    def validate(self, type_: object, data: object, *,
+                 max_bytes: int) -> tuple[str, dict[str, Any]]:
         """Check an event before it is stamped. Returns ``(type, data)``; ``data`` is a copy
         with generated fields (``threat_id``) filled in. Raises :class:`EventError`."""
         if not isinstance(type_, str) or not type_:

@@ -25,7 +25,8 @@ async def post(hub: RunningHub, body: object, headers: dict[str, str] | None = N
         if content is not None:
             return await http.post(f"{hub.url}/events", content=content,
                                    headers=ADMIN if headers is None else headers)
-        return await http.post(f"{hub.url}/events", json=body, headers=ADMIN if headers is None else headers)
+        return await http.post(f"{hub.url}/events", json=body,
+                               headers=ADMIN if headers is None else headers)
 
 
 async def test_publish_returns_202_with_the_id(any_hub: RunningHub) -> None:

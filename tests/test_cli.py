@@ -106,8 +106,8 @@ async def test_publish_through_redis_without_a_server_url(redis_server: RedisSer
 
 async def test_publish_errors_name_the_field(memory_hub: object) -> None:
     url = memory_hub.url  # type: ignore[attr-defined]
-    bad = await run_cli_async("publish", "threat_detected", "--data", '{"severity": "high"}', "--url", url,
-                  env={"JWT_SECRET": SECRET})
+    bad = await run_cli_async("publish", "threat_detected", "--data", '{"severity": "high"}',
+                              "--url", url, env={"JWT_SECRET": SECRET})
     assert bad.returncode == 1
     assert "field: data.attack_type" in bad.stderr
     assert "Traceback" not in bad.stderr

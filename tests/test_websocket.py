@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from urllib.parse import quote
 
@@ -10,7 +9,7 @@ import jwt
 import pytest
 import websockets
 
-from tests.conftest import SECRET, RunningHub, make_settings, make_token, run_hub
+from tests.conftest import RunningHub, make_settings, make_token, run_hub
 from tests.helpers import (
     HEALTH,
     THREAT,

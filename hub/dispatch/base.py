@@ -130,7 +130,7 @@ class Subscriber(abc.ABC):
         for event in held:
             self.push(event)
 
-    def rooms_changed(self, joined: set[str], left: set[str]) -> None:
+    def rooms_changed(self, joined: set[str], left: set[str]) -> None:  # noqa: B027 - optional hook
         """Hook for transports that mirror the rooms elsewhere (python-socketio's manager)."""
 
     def mark_closed(self) -> None:

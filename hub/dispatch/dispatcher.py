@@ -148,7 +148,8 @@ class Dispatcher:
         unknown = self.types.unknown(value)
         if unknown:
             raise ProtocolError(
-                f"unknown event type(s): {', '.join(unknown)}; known: {', '.join(self.types.names)}",
+                f"unknown event type(s): {', '.join(unknown)}; "
+                f"known: {', '.join(self.types.names)}",
                 code="unknown_event_type")
         return value
 

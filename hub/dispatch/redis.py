@@ -45,7 +45,7 @@ return false
 LEGACY_DEDUP_MS = 60_000
 
 
-def _str(value: bytes | str) -> str:
+def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -64,7 +64,7 @@ class Backoff:
         self.attempt = 0
 
 
-async def append(redis: aioredis.Redis, key: str, maxlen: int, body: bytes) -> str:
+async def append(redis: Any, key: str, maxlen: int, body: bytes) -> str:
     """XADD one event body; return its id. Raises BackendUnavailable when Redis is down."""
     try:
         event_id = await redis.xadd(key, {"e": body}, maxlen=maxlen, approximate=True)
@@ -78,8 +78,9 @@ def open_redis(url: str) -> aioredis.Redis:
         from socketio.redis_manager import parse_redis_sentinel_url
 
         sentinels, service, kwargs = parse_redis_sentinel_url(url)
-        sentinel = aioredis.Sentinel(sentinels, **kwargs)
-        return sentinel.master_for(service or "mymaster")
+        sentinel = aioredis.Sentinel(sentinels, **kwargs)  # type: ignore[no-untyped-call]
+        master: aioredis.Redis = sentinel.master_for(service or "mymaster")
+        return master
     return aioredis.Redis.from_url(url, health_check_interval=10)
 
 
@@ -109,7 +110,7 @@ class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ig
         if isinstance(data, list):
             data = data[0] if len(data) == 1 else tuple(data)
         await FastEmitMixin._local_emit(
-            self,  # type: ignore[arg-type]
+            self,
             message["event"], data, message.get("namespace") or "/",
             message.get("room"), message.get("skip_sid"),
         )
@@ -131,7 +132,9 @@ class RedisBackend(Backend):
         on_reconnect: Callable[[], None] = lambda: None,
         on_legacy: Callable[[str], None] = lambda result: None,
     ) -> None:
-        self.redis = client
+        # redis-py's stubs type replies per decode_responses setting; the host's client may
+        # use either, and _str() handles both, so replies are taken as Any here.
+        self.redis: Any = client
         self._owns_client = owns_client
         self._key = stream_key
         self._maxlen = history_size
@@ -167,8 +170,9 @@ class RedisBackend(Backend):
         if thread is not None:
             thread.cancel()
             await asyncio.gather(thread, return_exceptions=True)
-        if self._manager.pubsub is not None:
-            await self._manager.pubsub.aclose()
+        pubsub: Any = self._manager.pubsub
+        if pubsub is not None:
+            await pubsub.aclose()
         if self._owns_client:
             await self.redis.aclose()
 
@@ -209,7 +213,7 @@ class RedisBackend(Backend):
         truncated = first_id is not None and trimmed and id_key(first_id) > id_key(after)
         return History(events=events, truncated=truncated, first_retained=first_id)
 
-    def _decode(self, entry: tuple[Any, dict[Any, Any]]) -> Event | None:
+    def _decode(self, entry: Any) -> Event | None:
         raw_id, fields = entry
         body = fields.get(b"e", fields.get("e"))
         try:
