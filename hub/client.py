@@ -1,0 +1,286 @@
+"""A Python client for ``/ws/events`` that survives restarts, for automation pipelines::
+
+    from hub.client import subscribe
+
+    async for event in subscribe("http://hub:8000", token, types=["threat_detected"]):
+        print(event.id, event.type, event.data)
+
+    # or, to stop it from elsewhere: async with subscribe(...) as events: async for ...
+
+It reconnects with capped, jittered backoff and resumes from the last id it yielded, so a
+hub restart, a deploy (close 1001) or a slow-consumer disconnect (4008) loses nothing the
+hub still retains and yields nothing twice. A refused token (close 4003) raises
+:class:`AuthenticationFailed` at once: retrying with the same token cannot succeed.
+
+Exceptions (all derive from :class:`~hub.exceptions.HubError`)::
+
+    ClientError
+    ├── AuthenticationFailed   the hub refused the token (close 4003)
+    ├── SubscriptionRefused    the hub refused the subscription (unknown type, bad id)
+    └── ConnectionLost         could not reconnect within ``retry_for`` seconds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from hub.dispatch.redis import Backoff
+from hub.events import Event
+from hub.exceptions import HubError
+from hub.protocol import CloseCode
+
+log = logging.getLogger("hub.client")
+
+WS_PATH = "/ws/events"
+# Errors from the hub that retrying cannot fix: the subscription itself is wrong.
+_FATAL_ERRORS = frozenset({"unknown_event_type", "invalid_event_types", "too_many_event_types",
+                           "invalid_last_event_id"})
+
+
+class ClientError(HubError):
+    """Root of the errors :func:`subscribe` raises."""
+
+    code = "client_error"
+
+
+class AuthenticationFailed(ClientError):
+    """The hub refused the token (close code 4003): missing, invalid, expired or a foreign
+    Origin. ``reason`` is the hub's close reason."""
+
+    code = "authentication_failed"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the hub refused the token: {reason or 'unauthorized'}")
+        self.reason = reason
+
+
+class SubscriptionRefused(ClientError):
+    """The hub refused the subscription (``code`` is the hub's error code)."""
+
+
+class ConnectionLost(ClientError):
+    """The hub could not be reached again within ``retry_for`` seconds."""
+
+    code = "connection_lost"
+
+
+class NoticeKind(enum.Enum):
+    CONNECTED = "connected"  # data: instance_id, connection_id, user_id
+    DISCONNECTED = "disconnected"  # data: code, reason, retry_in, attempt
+    RESUMED = "resumed"  # data: replayed, last_event_id, truncated
+    HISTORY_TRUNCATED = "history_truncated"  # data: last_event_id, first_retained_id
+    ERROR = "error"  # a non-fatal error message from the hub; data: code, message
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something about the connection (not an event) a caller may want to show."""
+
+    kind: NoticeKind
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def events_url(url: str) -> str:
+    """``http://host:port`` (or ``ws://…``, with or without the path) → the
+    ``ws(s)://host:port/ws/events`` URL. A path other than ``/`` or ``/ws/events`` is kept
+    as the prefix the hub is mounted under."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"not a hub URL: {url!r} (expected http://host:port)")
+    path = parts.path.rstrip("/")
+    if not path.endswith(WS_PATH):
+        path += WS_PATH
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+class Subscription:
+    """The async iterator :func:`subscribe` returns. ``last_event_id`` is the id of the
+    last event yielded (the resume point), ``instance_id`` the instance serving it now."""
+
+    def __init__(self, url: str, token: str, *, types: Iterable[str] | None = None,
+                 last_event_id: str | None = None, retry_for: float | None = None,
+                 backoff_base: float = 0.5, backoff_cap: float = 30.0,
+                 on_notice: Callable[[Notice], None] | None = None,
+                 open_timeout: float = 10.0) -> None:
+        self.url = events_url(url)
+        self.types = list(types) if types is not None else None
+        self.last_event_id = last_event_id
+        self.instance_id: str | None = None
+        self._token = token
+        self._retry_for = retry_for
+        self._backoff = Backoff(base=backoff_base, cap=backoff_cap)
+        self._on_notice = on_notice
+        self._open_timeout = open_timeout
+        # Ids yielded lately: a guard against a duplicate at the seam of replay and live.
+        self._recent: deque[str] = deque(maxlen=1024)
+        self._ws: ClientConnection | None = None
+        self._gen: AsyncGenerator[Event, None] | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        if self._gen is None:
+            self._gen = self._run()
+        return self._gen
+
+    async def aclose(self) -> None:
+        """Stop: close the connection; the iterator ends."""
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+        # From inside the consumer's loop the generator is suspended and can be closed now;
+        # from another task it is running, and ends by itself once the socket has closed.
+        if self._gen is not None and not getattr(self._gen, "ag_running", True):
+            await self._gen.aclose()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _notice(self, kind: NoticeKind, message: str, **data: Any) -> None:
+        log.info("%s", message)
+        if self._on_notice is not None:
+            self._on_notice(Notice(kind, message, data))
+
+    async def _run(self) -> AsyncGenerator[Event, None]:
+        loop = asyncio.get_running_loop()
+        down_since: float | None = None
+        while not self._closed:
+            code: int | None = None
+            reason = ""
+            try:
+                async with websockets.connect(
+                    self.url, additional_headers={"Authorization": f"Bearer {self._token}"},
+                    open_timeout=self._open_timeout, max_size=2**22,
+                ) as ws:
+                    self._ws = ws
+                    async for event in self._session(ws):
+                        down_since = None
+                        yield event
+                    if self._closed:
+                        return
+                    code, reason = ws.close_code, ws.close_reason or ""
+            except ConnectionClosed as exc:
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (None, "")
+            except InvalidURI as exc:
+                raise ValueError(str(exc)) from None
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (401, 403):
+                    raise AuthenticationFailed(f"HTTP {status}") from None
+                reason = f"HTTP {status} from {self.url}"
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                reason = str(exc) or type(exc).__name__
+            finally:
+                self._ws = None
+            if self._closed:
+                return
+            if code == CloseCode.UNAUTHORIZED:
+                raise AuthenticationFailed(reason)
+            if code == CloseCode.GOING_AWAY:
+                # A deploy or a restart: another instance (or this one, back) will serve us.
+                self._backoff.reset()
+            now = loop.time()
+            down_since = now if down_since is None else down_since
+            delay = self._backoff.next_delay()
+            if self._retry_for is not None and now + delay - down_since > self._retry_for:
+                raise ConnectionLost(
+                    f"lost the connection to {self.url} ({_describe(code, reason)}) and could "
+                    f"not reconnect within {self._retry_for:g}s")
+            self._notice(NoticeKind.DISCONNECTED,
+                         f"connection lost ({_describe(code, reason)}); reconnecting in "
+                         f"{delay:.1f}s", code=code, reason=reason, retry_in=delay,
+                         attempt=self._backoff.attempt)
+            await asyncio.sleep(delay)
+
+    async def _session(self, ws: ClientConnection) -> AsyncGenerator[Event, None]:
+        """One connection: handshake, (re)subscribe, then yield events until it closes."""
+        async for raw in ws:
+            message = orjson.loads(raw)
+            if not isinstance(message, dict):
+                continue
+            kind = message.get("type")
+            data = message.get("data")
+            data = data if isinstance(data, dict) else {}
+            if "id" in message:
+                event = Event(id=str(message["id"]), type=str(kind),
+                              timestamp=str(message.get("timestamp", "")), data=data)
+                if event.id in self._recent:
+                    continue
+                self._recent.append(event.id)
+                self.last_event_id = event.id
+                yield event
+            elif kind == "connection_established":
+                self._backoff.reset()
+                self.instance_id = data.get("instance_id")
+                self._notice(NoticeKind.CONNECTED, f"connected to {self.url} (instance "
+                             f"{self.instance_id})", **data)
+                await self._subscribe(ws, data.get("event_types") or [])
+            elif kind == "resumed":
+                replayed = data.get("replayed", 0)
+                self._notice(NoticeKind.RESUMED, f"resumed after {data.get('last_event_id')}: "
+                             f"caught up {replayed} event(s)", **data)
+            elif kind == "history_truncated":
+                self._notice(NoticeKind.HISTORY_TRUNCATED,
+                             "some events were missed: the hub no longer retains events after "
+                             f"{data.get('last_event_id')} (replay starts at "
+                             f"{data.get('first_retained_id')})", **data)
+            elif kind == "error":
+                code = str(data.get("code", ""))
+                text = str(data.get("message", ""))
+                if code in _FATAL_ERRORS:
+                    raise SubscriptionRefused(text, code=code)
+                self._notice(NoticeKind.ERROR, f"hub error {code}: {text}", **data)
+
+    async def _subscribe(self, ws: ClientConnection, all_types: list[str]) -> None:
+        if self.types is None and self.last_event_id is None:
+            return  # no subscribe message: the spec's default, every type
+        message: dict[str, Any] = {
+            "action": "subscribe",
+            "event_types": self.types if self.types is not None else all_types,
+        }
+        if self.last_event_id is not None:
+            message["last_event_id"] = self.last_event_id
+        await ws.send(orjson.dumps(message).decode())
+
+
+def subscribe(url: str, token: str, *, types: Iterable[str] | None = None,
+              last_event_id: str | None = None, retry_for: float | None = None,
+              on_notice: Callable[[Notice], None] | None = None,
+              backoff_base: float = 0.5, backoff_cap: float = 30.0) -> Subscription:
+    """Stream events from the hub at ``url`` (``http://host:port``), for ever.
+
+    ``types``: the event types to receive (default: all). ``last_event_id``: start with
+    the retained events after this id. ``retry_for``: give up with
+    :class:`ConnectionLost` after this many seconds without a connection (default: never).
+    ``on_notice`` is called with a :class:`Notice` on connect, disconnect, resume and
+    truncated history. Raises :class:`AuthenticationFailed` when the token is refused.
+    """
+    return Subscription(url, token, types=types, last_event_id=last_event_id,
+                        retry_for=retry_for, on_notice=on_notice,
+                        backoff_base=backoff_base, backoff_cap=backoff_cap)
+
+
+def _describe(code: int | None, reason: str) -> str:
+    if code is None:
+        return reason or "no close frame"
+    with contextlib.suppress(ValueError):
+        name = CloseCode(code).name.lower().replace("_", " ")
+        return f"{code} {reason or name}"
+    return f"{code} {reason}".strip()
