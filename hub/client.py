@@ -37,7 +37,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from hub.dispatch.redis import Backoff
+from hub.backoff import Backoff
 from hub.events import Event
 from hub.exceptions import HubError
 from hub.protocol import CloseCode

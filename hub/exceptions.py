@@ -5,7 +5,11 @@
     ├── AuthError            a token is missing, malformed, forged, expired or not allowed
     ├── EventError           a published event is invalid (unknown type, bad field, too big)
     ├── ProtocolError        a client message on /ws/events or Socket.IO is malformed
-    └── BackendUnavailable   the dispatcher's backend (Redis) cannot take the event now
+    ├── BackendUnavailable   the dispatcher's backend (Redis) cannot take the event now
+    └── ClientError          raised by hub.client (the Python subscriber)
+        ├── AuthenticationFailed   the hub refused the token (4003 / HTTP 401/403)
+        ├── SubscriptionRefused    the hub refused the subscription (unknown type, bad id)
+        └── ConnectionLost         reconnecting failed for longer than retry_for
 
 Each carries a stable machine-readable ``code`` that the transports put on the wire.
 """

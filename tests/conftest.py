@@ -162,11 +162,12 @@ class RunningHub:
 
 @contextlib.asynccontextmanager
 async def run_hub(settings: Settings | None = None, *, redis: Any = None,
-                  app: Any = None) -> AsyncIterator[RunningHub]:
-    """A real uvicorn server for a hub app, in this event loop, on a free port."""
+                  app: Any = None, port: int | None = None) -> AsyncIterator[RunningHub]:
+    """A real uvicorn server for a hub app, in this event loop, on a free port (or on
+    ``port``: a restarted instance keeps its address, as clients see a redeploy)."""
     settings = settings or make_settings()
     hub_app = app if app is not None else create_app(settings, redis=redis)
-    port = free_port()
+    port = port or free_port()
     config = uvicorn_config(hub_app, settings, "127.0.0.1", port, "warning")
     server = HubServer(config, hub_app if isinstance(hub_app, HubApp) else hub_app.hub_app)
     task = asyncio.create_task(server.serve())

@@ -22,7 +22,8 @@ class SioClient:
         for name in EVENT_TYPES:
             self.client.on(name, self._recorder(name))
         self.client.on("connect_error", self._on_connect_error)
-        for name in ("resumed", "history_truncated", "token_expired", "error"):
+        for name in ("connection_established", "resumed", "history_truncated", "token_expired",
+                     "error"):
             self.client.on(name, self._other_recorder(name))
         self.disconnected = asyncio.Event()
         self.client.on("disconnect", self._on_disconnect)
@@ -49,6 +50,13 @@ class SioClient:
                       transports: list[str] | None = None, **kwargs: Any) -> None:
         await self.client.connect(url, auth=auth, transports=transports or ["websocket"],
                                   wait_timeout=10, **kwargs)
+
+    async def next_other(self, name: str, timeout: float = 10) -> Any:
+        """The data of the next non-event message called ``name`` (skipping others)."""
+        while True:
+            got, data = await asyncio.wait_for(self.other.get(), timeout)
+            if got == name:
+                return data
 
     async def next_event(self, type_: str | None = None, timeout: float = 10) -> dict[str, Any]:
         """The next event (skipping system_status unless asked for)."""

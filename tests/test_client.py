@@ -4,12 +4,10 @@ reconnect-and-resume across a restart, a slow-consumer disconnect and a shutdown
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 
-from hub import Publisher, Settings, create_app
+from hub import Publisher
 from hub.client import (
     AuthenticationFailed,
     ConnectionLost,
@@ -21,7 +19,6 @@ from hub.client import (
     subscribe,
 )
 from hub.events import Event
-from hub.server import HubServer, uvicorn_config
 from tests.conftest import RedisServer, RunningHub, free_port, make_settings, make_token, run_hub
 from tests.helpers import HEALTH, THREAT
 
@@ -74,23 +71,6 @@ class Pump:
     async def close(self) -> None:
         await self.subscription.aclose()
         await asyncio.wait_for(self.task, 10)
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: Settings, port: int) -> AsyncIterator[RunningHub]:
-    """run_hub on a chosen port, so a restarted instance has the same address."""
-    app = create_app(settings)
-    server = HubServer(uvicorn_config(app, settings, "127.0.0.1", port, "warning"), app)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield RunningHub(app, port, server)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
 
 
 async def test_receives_events_of_the_requested_types(any_hub: RunningHub) -> None:
@@ -168,7 +148,7 @@ async def test_resumes_across_a_restart(redis_server: RedisServer) -> None:
     port = free_port()
     first = make_settings(redis_url=redis_server.url)
     notices: list[Notice] = []
-    async with serve(first, port) as hub:
+    async with run_hub(first, port=port) as hub:
         pump = Pump(subscribe(hub.url, make_token(), types=["threat_detected"],
                               backoff_base=0.05, on_notice=notices.append))
         await _until_subscribed(hub)
@@ -177,7 +157,7 @@ async def test_resumes_across_a_restart(redis_server: RedisServer) -> None:
     async with Publisher(redis_server.url, stream_key=first.stream_key) as publisher:
         missed = [(await publisher.publish("threat_detected", {**THREAT, "n": i})).id
                   for i in range(3)]
-    async with serve(first.replace(instance_id=first.instance_id + "-2"), port) as hub:
+    async with run_hub(first.replace(instance_id=first.instance_id + "-2"), port=port) as hub:
         assert [e.id for e in await pump.take(3)] == missed
         live = await hub.publish("threat_detected", THREAT)
         assert [e.id for e in await pump.take(1)] == [live.id]
@@ -195,14 +175,14 @@ async def test_reconnects_after_going_away_and_misses_nothing(redis_server: Redi
     b = a.replace(instance_id=a.instance_id + "-b")
     port = free_port()
     async with run_hub(b) as other:
-        async with serve(a, port) as hub:
+        async with run_hub(a, port=port) as hub:
             pump = Pump(subscribe(hub.url, make_token(), types=["threat_detected"],
                                   backoff_base=0.05))
             await _until_subscribed(hub)
             first = await hub.publish("threat_detected", THREAT)
             assert [e.id for e in await pump.take(1)] == [first.id]
         gone = await other.publish("threat_detected", THREAT)
-        async with serve(a, port):
+        async with run_hub(a, port=port):
             assert [e.id for e in await pump.take(1)] == [gone.id]
             await pump.close()
 
@@ -229,6 +209,5 @@ async def test_slow_consumer_disconnect_resumes() -> None:
         burst = [(await hub.publish("threat_detected", {**THREAT, "n": i})).id
                  for i in range(5)]
         await asyncio.wait_for(kicked.wait(), 10)
-        hub.hub.settings = hub.hub.settings.replace(outbox_limit=1000)
         assert [e.id for e in await pump.take(5)] == burst
         await pump.close()

@@ -7,8 +7,6 @@ a missing browser fails these tests (CI installs it) rather than skipping them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -28,10 +26,16 @@ except ImportError:  # pragma: no cover - CI installs it
     pytest.fail("the dashboard tests need Playwright's Python package: pip install playwright "
                 "(the browser is Debian's chromium, not a Playwright download)", pytrace=False)
 
-from hub import Publisher, Settings, create_app
-from hub.server import HubServer, uvicorn_config
-from tests.conftest import ROOT, RedisServer, RunningHub, free_port, make_settings, make_token
-from tests.conftest import run_hub as run_memory_hub
+from hub import Publisher
+from tests.conftest import (
+    ROOT,
+    RedisServer,
+    RunningHub,
+    free_port,
+    make_settings,
+    make_token,
+    run_hub,
+)
 from tests.helpers import COST, HEALTH, THREAT
 
 CHROMIUM = os.environ.get("HUB_CHROMIUM", "/usr/bin/chromium")
@@ -120,25 +124,6 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-@contextlib.asynccontextmanager
-async def serve(settings: Settings, port: int) -> AsyncIterator[RunningHub]:
-    """Like conftest's run_hub, on a chosen port: the same address before and after a
-    restart, as a browser sees a redeployed instance."""
-    app = create_app(settings)
-    server = HubServer(uvicorn_config(app, settings, "127.0.0.1", port, "warning"), app)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("hub server exited during start-up")
-        await asyncio.sleep(0.01)
-    try:
-        yield RunningHub(app, port, server)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
-
-
 async def sign_in(page: Page, hub: RunningHub, token: str) -> None:
     await page.goto(hub.url + "/dashboard/")
     await page.fill("#token-input", token)
@@ -162,7 +147,7 @@ def row(page: Page, event_id: str) -> Any:
 # -- end to end -------------------------------------------------------------------------
 @in_browser
 async def test_sign_in_and_see_a_published_event(page: Page) -> None:
-    async with run_memory_hub(make_settings()) as hub:
+    async with run_hub(make_settings()) as hub:
         await sign_in(page, hub, make_token("alice", "viewer"))
         await expect(page.locator("#who")).to_have_text("alice (viewer)")
         await expect(page.locator("#instance")).to_have_text(
@@ -181,7 +166,7 @@ async def test_sign_in_and_see_a_published_event(page: Page) -> None:
 
 @in_browser
 async def test_type_filter_changes_the_subscription(page: Page) -> None:
-    async with run_memory_hub(make_settings()) as hub:
+    async with run_hub(make_settings()) as hub:
         await sign_in(page, hub, make_token())
         threat1 = await post_event(hub, "threat_detected", THREAT)
         health1 = await post_event(hub, "provider_health_change", HEALTH)
@@ -212,7 +197,7 @@ async def subscribed(page: Page, types: str) -> None:
 
 @in_browser
 async def test_bad_token_shows_a_sign_in_error(page: Page) -> None:
-    async with run_memory_hub(make_settings()) as hub:
+    async with run_hub(make_settings()) as hub:
         await page.goto(hub.url + "/dashboard/")
         await page.fill("#token-input", "not-a-token")
         await page.click("#signin-button")
@@ -229,7 +214,7 @@ async def test_bad_token_shows_a_sign_in_error(page: Page) -> None:
 
 @in_browser
 async def test_cookie_sign_in(page: Page) -> None:
-    async with run_memory_hub(make_settings()) as hub:
+    async with run_hub(make_settings()) as hub:
         await page.context.add_cookies([{
             "name": "ks_access_token", "value": "Bearer%20" + make_token("carol"),
             "url": hub.url,
@@ -244,7 +229,7 @@ async def test_cookie_sign_in(page: Page) -> None:
 
 @in_browser
 async def test_pause_holds_rows_until_resumed(page: Page) -> None:
-    async with run_memory_hub(make_settings()) as hub:
+    async with run_hub(make_settings()) as hub:
         await sign_in(page, hub, make_token())
         await page.click("#pause")
         held = await post_event(hub, "provider_health_change", HEALTH)
@@ -263,7 +248,7 @@ async def test_reconnects_after_a_restart_and_catches_up(page: Page,
     port = free_port()
     first = make_settings(redis_url=redis_server.url)
     second = first.replace(instance_id=first.instance_id + "-restarted")
-    async with serve(first, port) as hub:
+    async with run_hub(first, port=port) as hub:
         await sign_in(page, hub, make_token())
         await expect(page.locator("#instance")).to_have_text(f"via {first.instance_id}")
         # Only threats, so the catch-up count is exactly what this test publishes.
@@ -278,7 +263,7 @@ async def test_reconnects_after_a_restart_and_catches_up(page: Page,
         missed = [(await publisher.publish("threat_detected", {**THREAT, "n": i})).id
                   for i in range(3)]
 
-    async with serve(second, port):
+    async with run_hub(second, port=port):
         conn = page.locator("#conn")
         await expect(conn).to_have_attribute("data-state", "connected",
                                              timeout=RECONNECT_TIMEOUT_MS)
@@ -294,7 +279,7 @@ async def test_reconnects_after_a_restart_and_catches_up(page: Page,
 async def test_publish_form_and_screenshot(page: Page, tmp_path: Path) -> None:
     """An admin sends a test event from the form; the page with live data is kept as the
     README's screenshot (written to docs/ when HUB_UPDATE_SCREENSHOTS=1)."""
-    async with run_memory_hub(make_settings(instance_id="hub-1")) as hub:
+    async with run_hub(make_settings(instance_id="hub-1")) as hub:
         await sign_in(page, hub, make_token("ops", "admin"))
         await expect(page.locator("#publish")).to_be_visible()
         samples: list[tuple[str, dict[str, Any]]] = [

@@ -107,8 +107,7 @@ async def test_socketio_resumes_from_auth_last_event_id(any_hub: RunningHub) -> 
     await client.connect(any_hub.url, auth={"token": make_token(), "last_event_id": first.id,
                                             "event_types": ["threat_detected"]})
     assert (await client.next_event())["id"] == missed.id
-    name, info = await asyncio.wait_for(client.other.get(), 10)
-    assert (name, info["replayed"]) == ("resumed", 1)
+    assert (await client.next_other("resumed"))["replayed"] == 1
     live = await any_hub.publish("threat_detected", THREAT)
     assert (await client.next_event())["id"] == live.id
     await client.close()
@@ -126,3 +125,15 @@ async def test_socketio_subscribe_with_last_event_id_acks_the_replay(memory_hub:
     assert ack["replayed"] == 1
     assert (await client.next_event())["id"] == missed.id
     await client.close()
+
+
+async def test_a_replay_larger_than_the_outbox_is_not_a_slow_consumer() -> None:
+    async with run_hub(make_settings(outbox_limit=5)) as running:
+        first = await running.publish("threat_detected", THREAT)
+        missed = [(await running.publish("threat_detected", THREAT)).id for _ in range(50)]
+        ws = await connected(running.ws_url, make_token(),
+                             additional_headers={"Last-Event-ID": first.id})
+        assert [(await recv_json(ws))["id"] for _ in missed] == missed
+        assert (await recv_json(ws))["type"] == "resumed"
+        assert running.hub.metrics.slow_consumers.labels("websocket")._value.get() == 0
+        await ws.close()

@@ -22,6 +22,18 @@ async def test_events_arrive_with_the_type_as_event_name(any_hub: RunningHub,
     await client.close()
 
 
+async def test_connection_established_names_user_and_instance(memory_hub: RunningHub) -> None:
+    client = SioClient()
+    await client.connect(memory_hub.url, auth={"token": make_token("zoe"),
+                                               "event_types": ["threat_detected"]})
+    hello = await client.next_other("connection_established")
+    assert hello["user_id"] == "zoe"
+    assert hello["instance_id"] == memory_hub.hub.settings.instance_id
+    assert hello["event_types"] == ["threat_detected"]
+    assert hello["connection_id"] == client.client.get_sid()
+    await client.close()
+
+
 async def test_subscribe_and_unsubscribe_acknowledge(any_hub: RunningHub) -> None:
     client = SioClient()
     await client.connect(any_hub.url, auth={"token": make_token()})
@@ -126,5 +138,4 @@ async def test_token_expiry_disconnects(memory_hub: RunningHub) -> None:
     import asyncio
 
     await asyncio.wait_for(client.disconnected.wait(), 15)
-    name, data = client.other.get_nowait()
-    assert (name, data["code"]) == ("token_expired", 4003)
+    assert (await client.next_other("token_expired"))["code"] == 4003

@@ -117,7 +117,9 @@ class Subscriber(abc.ABC):
         """Send retained events (already filtered); return how many were sent."""
         sent = 0
         for event in events:
-            self._send(event)
+            # A replay may exceed the outbox limit (it is bounded by the history size): a
+            # client that was cut off as a slow consumer must be able to catch up.
+            self._send(event, replay=True)
             self._skip_until = self.last_sent = event.key
             sent += 1
         return sent
@@ -142,5 +144,6 @@ class Subscriber(abc.ABC):
         """Tell the client that events after ``last_event_id`` are no longer retained."""
 
     @abc.abstractmethod
-    def _send(self, event: Event) -> None:
-        """Queue one event for the writer; on overflow, disconnect as a slow consumer."""
+    def _send(self, event: Event, replay: bool = False) -> None:
+        """Queue one event for the writer; on overflow (not during a replay), disconnect
+        as a slow consumer."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ import socketio
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
+from hub.backoff import Backoff
 from hub.dispatch.base import Backend, History
 from hub.dispatch.manager import ConnectHookMixin, FastEmitMixin
 from hub.events import Event, id_key
@@ -47,21 +47,6 @@ LEGACY_DEDUP_MS = 60_000
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (retry storms stay spread out)."""
-
-    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 async def append(redis: Any, key: str, maxlen: int, body: bytes) -> str:

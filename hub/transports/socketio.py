@@ -44,9 +44,9 @@ class SocketIOConnection(Subscriber):
         self.kicked = False
         self.expiry: asyncio.TimerHandle | None = None
 
-    def _send(self, event: Event) -> None:
+    def _send(self, event: Event, replay: bool = False) -> None:
         # One packet object per event per instance, shared by all its recipients.
-        self._queue(event.socketio_packet)
+        self._queue(event.socketio_packet, bounded=not replay)
 
     def emit_now(self, name: str, data: Any) -> None:
         """Queue a hub-originated Socket.IO event (``history_truncated``) for this socket."""
@@ -60,11 +60,12 @@ class SocketIOConnection(Subscriber):
                        "the replay starts at first_retained_id",
         })
 
-    def _queue(self, pkt: eio_packet.Packet) -> None:
+    def _queue(self, pkt: eio_packet.Packet, bounded: bool = False) -> None:
+        """As PlainConnection.enqueue: only live events count against the limit."""
         if self.kicked:
             return
         size = queue_eio_packet(self._server, self.eio_sid, pkt)
-        if size is not None and size > self._limit:
+        if bounded and size is not None and size > self._limit:
             self._transport.kick_slow(self)
 
     def rooms_changed(self, joined: set[str], left: set[str]) -> None:
@@ -149,6 +150,11 @@ class SocketIOTransport:
         self.connections[sid] = conn
         self.hub.metrics.connections.labels(conn.transport).inc()
         self.hub.dispatcher.add(conn, types)
+        conn.emit_now("connection_established", {
+            "user_id": principal.user_id, "connection_id": sid,
+            "instance_id": self.hub.settings.instance_id,
+            "event_types": self.hub.dispatcher.subscribed_to(conn),
+        })
         if principal.expires_at is not None:
             delay = max(0.0, principal.expires_at + self.hub.verifier.leeway - time.time())
             conn.expiry = asyncio.get_running_loop().call_later(

@@ -53,8 +53,8 @@ class PlainConnection(Subscriber):
         self.writer: asyncio.Task[None] | None = None
 
     # -- outbox -------------------------------------------------------------------------
-    def _send(self, event: Event) -> None:
-        self.enqueue(event.text)
+    def _send(self, event: Event, replay: bool = False) -> None:
+        self.enqueue(event.text, bounded=not replay)
 
     def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
         self.enqueue(control("history_truncated", {
@@ -63,10 +63,12 @@ class PlainConnection(Subscriber):
                        "the replay starts at first_retained_id",
         }))
 
-    def enqueue(self, text: str) -> None:
+    def enqueue(self, text: str, bounded: bool = False) -> None:
+        """Queue a frame. Only live events are ``bounded`` by the outbox limit: replies to
+        the client's own messages are bounded by its message rate, replays by the history."""
         if self._closed or self._close_after_flush is not None:
             return
-        if len(self._outbox) >= self._limit:
+        if bounded and len(self._outbox) >= self._limit:
             self._on_slow(self)
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
             return
