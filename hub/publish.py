@@ -11,8 +11,8 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
-from hub.config import Settings
 from hub.backoff import Backoff
+from hub.config import Settings
 from hub.dispatch.redis import append, open_redis
 from hub.events import Event, EventTypes, now_timestamp
 from hub.exceptions import BackendUnavailable
