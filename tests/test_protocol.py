@@ -57,9 +57,11 @@ def test_any_text_parses_or_raises_protocol_error(text: str) -> None:
 @settings(max_examples=200, deadline=None)
 def test_any_json_parses_or_raises_protocol_error(value: object) -> None:
     try:
-        parse_client_message(orjson.dumps(value).decode())
-    except ProtocolError:
-        pass
+        message = parse_client_message(orjson.dumps(value).decode())
+    except ProtocolError as exc:
+        assert exc.code in {"not_an_object", "unknown_action", "invalid_event_types"}
+    else:
+        assert isinstance(message.action, Action)
 
 
 @given(st.text(max_size=30), json_values)
