@@ -69,7 +69,9 @@ class Hub:
             history_size=settings.history_size, socketio_channel=settings.socketio_channel,
             legacy_channel=settings.legacy_channel,
             legacy_parser=self._parse_legacy,
+            instance_id=settings.instance_id,
             on_reconnect=self.metrics.redis_reconnects.inc,
+            on_spool_overflow=lambda: self.metrics.dropped.labels("spool_full").inc(),
             on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
         )
 

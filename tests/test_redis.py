@@ -4,6 +4,7 @@ channel, outages. Every test uses real redis-server processes."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import orjson
@@ -181,3 +182,64 @@ async def test_instances_keep_serving_local_clients_when_started_in_any_order(
         event = await a.publish("threat_detected", THREAT)
         assert (await asyncio.wait_for(recv_json(ws), 10))["id"] == event.id
         await ws.close()
+
+
+async def test_redis_outage_loses_nothing_and_duplicates_nothing(own_redis: RedisServer) -> None:
+    """Two instances, a plain and a Socket.IO client on each, publishers on each; Redis is
+    killed mid-stream and started again (empty, as without persistence)."""
+    settings = make_settings(redis_url=own_redis.url)
+    async with run_hub(settings) as a, run_hub(settings.replace(instance_id="b")) as b:
+        hubs = (a, b)
+        plain = [await connected(h.ws_url, make_token()) for h in hubs]
+        sio = [SioClient() for _ in hubs]
+        for client, h in zip(sio, hubs, strict=True):
+            await client.connect(h.url, auth={"token": make_token()})
+        received: list[list[tuple[str, int]]] = [[] for _ in range(4)]
+        total = 2 * 3 * 40
+
+        async def read_plain(ws: Any, out: list[tuple[str, int]]) -> None:
+            while len(out) < total:
+                message = await recv_json(ws, timeout=60)
+                if message["type"] == "cost_threshold_alert":
+                    out.append((message["data"]["src"], message["data"]["n"]))
+
+        async def read_sio(client: SioClient, out: list[tuple[str, int]]) -> None:
+            while len(out) < total:
+                envelope = await client.next_event("cost_threshold_alert", timeout=60)
+                out.append((envelope["data"]["src"], envelope["data"]["n"]))
+
+        readers = [asyncio.create_task(read_plain(ws, out))
+                   for ws, out in zip(plain, received[:2], strict=True)]
+        readers += [asyncio.create_task(read_sio(c, out))
+                    for c, out in zip(sio, received[2:], strict=True)]
+
+        async def burst(start: int) -> None:
+            for n in range(start, start + 40):
+                for h in hubs:
+                    await h.publish("cost_threshold_alert", {
+                        "severity": "info", "message": "tick", "src": h.hub.settings.instance_id,
+                        "n": n})
+                await asyncio.sleep(0.005)  # a steady publisher, not synchronisation
+
+        await burst(0)
+        own_redis.stop()
+        await wait_until(lambda: not any(h.hub.dispatcher.backend.connected for h in hubs),
+                         what="both instances to notice the outage")
+        await burst(40)  # published while Redis is down
+        # Local clients were served during the outage.
+        await wait_until(lambda: all(len(r) >= 80 for r in received), timeout=20,
+                         what="local delivery during the outage")
+        own_redis.start()
+        await wait_until(lambda: all(h.hub.dispatcher.backend.connected for h in hubs),
+                         timeout=30, what="both instances to reconnect")
+        await burst(80)
+        await asyncio.wait_for(asyncio.gather(*readers), 60)
+
+        for got in received:
+            assert len(got) == total == len(set(got))  # every event once
+            for src in ("b", settings.instance_id):
+                assert [n for s, n in got if s == src] == list(range(120))  # in order
+        for ws in plain:
+            await ws.close()
+        for client in sio:
+            await client.close()

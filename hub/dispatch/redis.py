@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,7 +48,12 @@ LEGACY_DEDUP_MS = 60_000
 
 
 def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _field(fields: Any, name: str) -> str | None:
+    value = fields.get(name.encode(), fields.get(name))
+    return None if value is None else _str(value)
 
 
 async def append(redis: Any, key: str, maxlen: int, body: bytes) -> str:
@@ -66,7 +73,10 @@ def open_redis(url: str) -> aioredis.Redis:
         sentinel = aioredis.Sentinel(sentinels, **kwargs)  # type: ignore[no-untyped-call]
         master: aioredis.Redis = sentinel.master_for(service or "mymaster")
         return master
-    return aioredis.Redis.from_url(url, health_check_interval=10)
+    # Bounded timeouts: a vanished Redis must fail calls (and trigger the outage spool),
+    # not hang them; XREAD blocks for 1 s, well inside the socket timeout.
+    return aioredis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=5,
+                                   socket_timeout=15)
 
 
 class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -114,7 +124,9 @@ class RedisBackend(Backend):
         socketio_channel: str,
         legacy_channel: str,
         legacy_parser: LegacyParser,
+        instance_id: str,
         on_reconnect: Callable[[], None] = lambda: None,
+        on_spool_overflow: Callable[[], None] = lambda: None,
         on_legacy: Callable[[str], None] = lambda result: None,
     ) -> None:
         # redis-py's stubs type replies per decode_responses setting; the host's client may
@@ -129,8 +141,18 @@ class RedisBackend(Backend):
         self._on_legacy = on_legacy
         self._on_event: Callable[[Event], None] | None = None
         self._last_id = "0-0"
-        self._reader_alive = False
-        self._legacy_alive = not legacy_channel
+        # Liveness of each background loop; `connected` is the stream reader and legacy
+        # subscriber being up (the spool flusher is idle while Redis is fine).
+        self._alive: dict[str, bool] = {"stream": False, "legacy": not legacy_channel,
+                                        "spool": True}
+        self._instance_id = instance_id
+        # Events published while Redis is unreachable: delivered locally at once, appended
+        # to the stream (in order) when Redis returns.
+        self._spool: deque[Event] = deque()
+        self._spool_limit = history_size
+        self._spool_ready = asyncio.Event()
+        self._on_spool_overflow = on_spool_overflow
+        self._provisional = (0, 0)
         self._tasks: list[asyncio.Task[None]] = []
         self._manager = HubRedisManager(client, socketio_channel)
         self._ingest = client.register_script(_INGEST_ONCE)
@@ -141,8 +163,9 @@ class RedisBackend(Backend):
         # Start reading after the newest event that exists now: older ones are history.
         newest = await self.redis.xrevrange(self._key, count=1)
         self._last_id = _str(newest[0][0]) if newest else "0-0"
-        self._reader_alive = True
+        self._alive["stream"] = True
         self._tasks.append(asyncio.create_task(self._supervise(self._read_stream, "stream")))
+        self._tasks.append(asyncio.create_task(self._supervise(self._flush_spool, "spool")))
         if self._legacy_channel:
             self._tasks.append(asyncio.create_task(self._supervise(self._read_legacy, "legacy")))
 
@@ -163,11 +186,11 @@ class RedisBackend(Backend):
 
     @property
     def connected(self) -> bool:
-        return self._reader_alive and self._legacy_alive
+        return self._alive["stream"] and self._alive["legacy"]
 
     def status(self) -> dict[str, Any]:
         return {"stream": self._key, "last_id": self._last_id,
-                "reader_alive": self._reader_alive, "legacy_alive": self._legacy_alive}
+                "alive": dict(self._alive), "spooled": len(self._spool)}
 
     def socketio_manager(self) -> Any:
         return self._manager
@@ -175,8 +198,54 @@ class RedisBackend(Backend):
     # -- events -------------------------------------------------------------------------
     async def publish(self, type_: str, timestamp: str, data: dict[str, Any]) -> Event:
         event = Event(id="", type=type_, timestamp=timestamp, data=data)
-        event.id = await append(self.redis, self._key, self._maxlen, event.body())
+        if not self._spool:  # while anything is spooled, later events queue behind it
+            try:
+                event.id = await append(self.redis, self._key, self._maxlen, event.body())
+                return event
+            except BackendUnavailable as exc:
+                log.warning("redis unavailable (%s): spooling events, delivering locally", exc)
+        return self._spool_event(event)
+
+    def _spool_event(self, event: Event) -> Event:
+        event.id = self._provisional_id()
+        if len(self._spool) >= self._spool_limit:
+            lost = self._spool.popleft()
+            self._on_spool_overflow()
+            log.error("outage spool full: event %s will not reach other instances", lost.id)
+        self._spool.append(event)
+        self._spool_ready.set()
+        if self._on_event is not None:
+            self._on_event(event)  # this instance's clients get it now
         return event
+
+    def _provisional_id(self) -> str:
+        # Stream-shaped and after everything seen so far; the flusher keeps this id when
+        # Redis accepts it (always after a restart that lost the stream).
+        seen = id_key(self._last_id)
+        ms = max(int(time.time() * 1000), seen[0], self._provisional[0])
+        seq = self._provisional[1] + 1 if ms == self._provisional[0] else 0
+        if ms == seen[0]:
+            seq = max(seq, seen[1] + 1)
+        self._provisional = (ms, seq)
+        return f"{ms}-{seq}"
+
+    async def _flush_spool(self) -> None:
+        while True:
+            await self._spool_ready.wait()
+            while self._spool:
+                event = self._spool[0]
+                fields = {"e": event.body(), "o": self._instance_id}
+                try:
+                    await self.redis.xadd(self._key, fields, id=event.id,
+                                          maxlen=self._maxlen, approximate=True)
+                except aioredis.ResponseError:
+                    # The stream moved past this id meanwhile (Redis kept its data and
+                    # another instance wrote first): take a fresh id.
+                    await self.redis.xadd(self._key, fields, maxlen=self._maxlen,
+                                          approximate=True)
+                self._spool.popleft()
+            self._spool_ready.clear()
+            log.info("outage spool flushed to redis")
 
     async def history(self, after: str) -> History:
         try:
@@ -217,7 +286,7 @@ class RedisBackend(Backend):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                if self._alive(name):
+                if self._alive[name]:
                     backoff.reset()  # it had recovered since the last failure
                 self._set_alive(name, False)
                 delay = backoff.next_delay()
@@ -233,22 +302,18 @@ class RedisBackend(Backend):
             else:  # pragma: no cover - the loops only return when cancelled
                 return
 
-    def _alive(self, name: str) -> bool:
-        return self._reader_alive if name == "stream" else self._legacy_alive
-
     def _set_alive(self, name: str, alive: bool) -> None:
-        if name == "stream":
-            self._reader_alive = alive
-        else:
-            self._legacy_alive = alive
+        self._alive[name] = alive
 
     async def _read_stream(self) -> None:
         while True:
             response = await self.redis.xread({self._key: self._last_id}, count=1000, block=1000)
-            self._reader_alive = True
+            self._alive["stream"] = True
             for _stream, entries in response or ():
                 for entry in entries:
                     self._last_id = _str(entry[0])
+                    if _field(entry[1], "o") == self._instance_id:
+                        continue  # spooled here during an outage: delivered locally then
                     event = self._decode(entry)
                     if event is not None and self._on_event is not None:
                         self._on_event(event)
@@ -257,7 +322,7 @@ class RedisBackend(Backend):
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._legacy_channel)
-            self._legacy_alive = True
+            self._alive["legacy"] = True
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None or message.get("type") != "message":
