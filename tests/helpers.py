@@ -63,6 +63,23 @@ async def close_code(ws: ClientConnection, timeout: float = 10) -> tuple[int | N
         return (rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
 
 
+def client_frame(text: str) -> bytes:
+    """One masked WebSocket text frame, as a client must send it (RFC 6455 5.3)."""
+    import os
+    import struct
+
+    payload = text.encode()
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, 0x80 | length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 async def stalled_client(port: int, token: str, path: str = "/ws/events"
                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A WebSocket client that completes the handshake and then never reads again: the

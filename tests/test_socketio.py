@@ -6,7 +6,7 @@ import pytest
 import socketio
 
 from tests.conftest import RunningHub, make_settings, make_token, run_hub
-from tests.helpers import HEALTH, THREAT
+from tests.helpers import HEALTH, THREAT, client_frame, stalled_client, wait_until
 from tests.sio_helpers import SioClient
 
 
@@ -139,3 +139,30 @@ async def test_token_expiry_disconnects(memory_hub: RunningHub) -> None:
 
     await asyncio.wait_for(client.disconnected.wait(), 15)
     assert (await client.next_other("token_expired"))["code"] == 4003
+
+
+async def test_slow_socketio_consumer_is_disconnected_and_others_keep_receiving() -> None:
+    async with run_hub(make_settings(outbox_limit=50)) as running:
+        # Engine.IO over a raw socket: open the namespace with a token, then stop reading.
+        _reader, stalled = await stalled_client(
+            running.port, make_token("slow"), path="/socket.io/?EIO=4&transport=websocket")
+        import orjson
+
+        stalled.write(client_frame("40" + orjson.dumps({"token": make_token("slow")}).decode()))
+        await wait_until(lambda: len(running.hub.socketio.connections) == 1,
+                         what="the stalled Socket.IO client to connect")
+        fast = SioClient()
+        await fast.connect(running.url, auth={"token": make_token("fast")})
+        kicked = running.hub.metrics.slow_consumers.labels("socketio")
+        big = {"severity": "info", "message": "x" * 32_000}
+        sent = 0
+        while kicked._value.get() == 0 and sent < 5_000:
+            await running.publish("cost_threshold_alert", {**big, "n": sent})
+            assert (await fast.next_event("cost_threshold_alert"))["data"]["n"] == sent
+            sent += 1
+        assert kicked._value.get() == 1
+        rooms = running.hub.dispatcher.rooms["cost_threshold_alert"]
+        await wait_until(lambda: len(rooms) == 1, what="the slow socket to leave its rooms")
+        assert [c.principal.user_id for c in rooms] == ["fast"]
+        stalled.transport.abort()
+        await fast.close()

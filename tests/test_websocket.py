@@ -6,8 +6,11 @@ import time
 from urllib.parse import quote
 
 import jwt
+import orjson
 import pytest
 import websockets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import RunningHub, make_settings, make_token, run_hub
 from tests.helpers import (
@@ -240,3 +243,38 @@ async def test_slow_consumer_is_closed_with_4008_and_others_keep_receiving() -> 
         await wait_until(lambda: len(running.hub.websocket.connections) == 1,
                          what="the stalled connection to be released")
         await fast.close()
+
+
+async def test_instance_connection_limit_and_subscribe_list_size() -> None:
+    async with run_hub(make_settings(max_connections=1, max_subscribe_types=2)) as running:
+        first = await connected(running.ws_url, make_token("a"))
+        refused = await ws_connect(running.ws_url, make_token("b"))
+        assert await close_code(refused) == (1013, "instance connection limit reached")
+        await send_json(first, {"action": "subscribe", "event_types": [
+            "threat_detected", "system_status", "cost_threshold_alert"]})
+        assert (await recv_type(first, "error"))["data"]["code"] == "too_many_event_types"
+        await first.close()
+        await wait_until(lambda: running.hub.limits.total == 0, what="the slot to be freed")
+        again = await connected(running.ws_url, make_token("b"))  # the slot came back
+        await again.close()
+
+
+@given(st.lists(st.one_of(
+    st.text(max_size=50),
+    st.binary(max_size=50).map(lambda b: b.decode("latin-1")),
+    st.dictionaries(st.sampled_from(["action", "event_types", "last_event_id", "x"]),
+                    st.one_of(st.none(), st.integers(), st.text(max_size=20),
+                              st.lists(st.text(max_size=25), max_size=3)),
+                    max_size=4).map(lambda d: orjson.dumps(d).decode()),
+), min_size=1, max_size=15))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+async def test_fuzzed_client_messages_never_break_the_connection(
+        memory_hub: RunningHub, messages: list[str]) -> None:
+    ws = await connected(memory_hub.ws_url, make_token())
+    for message in messages:
+        await ws.send(message)
+    await send_json(ws, {"action": "ping"})
+    # Whatever came before, every message got an answer and the connection still works.
+    await recv_type(ws, "pong")
+    await ws.close()
