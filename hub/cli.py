@@ -80,14 +80,22 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _check_redis(url: str) -> None:
-    import redis
+    """Fail start-up with one line when Redis (plain, TLS or via Sentinel) does not answer."""
+    from redis.exceptions import RedisError
+
+    from hub.dispatch.redis import open_redis
+
+    async def ping() -> None:
+        client = open_redis(url)
+        try:
+            await asyncio.wait_for(client.ping(), 5)
+        finally:
+            await client.aclose()
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
-        client.ping()
-        client.close()
-    except (redis.RedisError, OSError, ValueError) as exc:
-        _fail(f"cannot reach Redis at {redact(url)}: {exc}")
+        asyncio.run(ping())
+    except (RedisError, OSError, ValueError, TimeoutError) as exc:
+        _fail(f"cannot reach Redis at {redact(url)}: {exc or type(exc).__name__}")
 
 
 def _print_dev_banner(settings: Settings, host: str, port: int, dev_secret: str | None) -> None:

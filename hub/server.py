@@ -37,6 +37,10 @@ class HubServer(uvicorn.Server):
 
 def uvicorn_config(app: Any, settings: Settings, host: str, port: int, log_level: str,
                    **extra: Any) -> uvicorn.Config:
+    from hub.logs import log_config
+
+    # hub's log format (JSON with HUB_JSON_LOGS) and token scrubbing; workers pass their own.
+    extra.setdefault("log_config", log_config(settings.json_logs, log_level))
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on",
         ws_max_size=settings.max_message_bytes,

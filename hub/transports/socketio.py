@@ -183,6 +183,9 @@ class SocketIOTransport:
 
     def kick_slow(self, conn: SocketIOConnection) -> None:
         self.hub.metrics.slow_consumers.labels(conn.transport).inc()
+        sock = self.sio.eio.sockets.get(conn.eio_sid)
+        if sock is not None:
+            self.hub.metrics.dropped.labels("slow_consumer").inc(sock.queue.qsize())
         log.warning("disconnecting slow Socket.IO consumer %s (user %s)", conn.sid,
                     conn.principal.user_id)
         self._kick(conn, drop_queue=True)
@@ -259,9 +262,13 @@ class SocketIOTransport:
         conn.emit_now("resumed", info)
 
     async def shutdown(self) -> None:
-        """Let queued events go out, then disconnect every socket."""
+        """Let queued events go out, then close each Engine.IO transport.
+
+        Closing the transport, not sending a Socket.IO disconnect, is deliberate: clients
+        treat a server disconnect as final, but reconnect (to another instance, resuming
+        with ``auth.last_event_id``) after a lost transport."""
         for conn in list(self.connections.values()):
-            await self.sio.disconnect(conn.sid)
+            await self.sio.eio.disconnect(conn.eio_sid)
 
 
 def _error(exc: ProtocolError) -> dict[str, Any]:

@@ -53,6 +53,10 @@ class PlainConnection(Subscriber):
         self.writer: asyncio.Task[None] | None = None
 
     # -- outbox -------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return len(self._outbox)
+
     def _send(self, event: Event, replay: bool = False) -> None:
         self.enqueue(event.text, bounded=not replay)
 
@@ -201,7 +205,10 @@ class PlainTransport:
             delay, conn.abort, CloseCode.UNAUTHORIZED, "token expired")
 
     def _slow(self, conn: PlainConnection) -> None:
-        self.hub.metrics.slow_consumers.labels(conn.transport).inc()
+        metrics = self.hub.metrics
+        metrics.slow_consumers.labels(conn.transport).inc()
+        # What it had queued and the event that overflowed it are discarded with it.
+        metrics.dropped.labels("slow_consumer").inc(conn.queued + 1)
         log.warning("closing slow consumer %s (user %s)", conn.connection_id,
                     conn.principal.user_id)
 
