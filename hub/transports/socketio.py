@@ -80,10 +80,13 @@ class _Server(socketio.AsyncServer):  # type: ignore[misc]
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         await super()._handle_eio_disconnect(eio_sid, reason)
         sock = self.eio.sockets.get(eio_sid)
-        if sock is not None:
-            # A long-polling GET may still wait on this socket's queue (engine.io closes a
-            # polling socket without waking it, which holds a client's disconnect and the
-            # server's shutdown for up to a ping interval): wake it with the end marker.
+        if (sock is not None and not sock.upgraded
+                and reason == self.eio.reason.CLIENT_DISCONNECT):
+            # A client that leaves over long-polling may leave a GET waiting on its queue
+            # (engine.io does not wake it), holding its disconnect and the server's
+            # shutdown for up to a ping interval: wake it with the end marker. Only then:
+            # on a WebSocket, or when the server closes (CLOSE still queued), the marker
+            # would end the writer before the CLOSE packet goes out.
             sock.queue.put_nowait(None)
 
 
