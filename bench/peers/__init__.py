@@ -1,0 +1,1 @@
+"""The peers hub is measured against (see bench/README.md)."""
