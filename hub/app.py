@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from hub import __version__
 from hub.auth import AuthError, TokenVerifier, strip_bearer
@@ -32,6 +33,7 @@ from hub.exceptions import BackendUnavailable, EventError
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
+from hub.transports.frames import SEND_KEY
 from hub.transports.socketio import SocketIOTransport
 from hub.transports.websocket import PlainTransport
 
@@ -198,6 +200,13 @@ class HubApp(Starlette):
     """The ASGI app of one instance; ``app.hub`` is its :class:`Hub`."""
 
     hub: Hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # Before any middleware wraps it: the server's own send, for direct frame
+            # writes (hub.transports.frames).
+            scope[SEND_KEY] = send
+        await super().__call__(scope, receive, send)
 
     def lifespan_context_for_host(self) -> contextlib.AbstractAsyncContextManager[None]:
         """For a host application that mounts this app: run hub's start-up and shutdown

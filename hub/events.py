@@ -157,6 +157,7 @@ class Event:
     _sio: str | None = field(default=None, repr=False)
     _sio_packet: Any = field(default=None, repr=False)
     _key: tuple[int, int] | None = field(default=None, repr=False)
+    _frame: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         tenant = self.data.get("tenant_id")
@@ -178,6 +179,15 @@ class Event:
         if self._text is None:
             self._text = orjson.dumps(self.envelope()).decode()
         return self._text
+
+    @property
+    def frame(self) -> bytes:
+        """:attr:`text` as a complete server-to-client WebSocket text frame, built once."""
+        if self._frame is None:
+            from hub.transports.frames import text_frame
+
+            self._frame = text_frame(self.text.encode())
+        return self._frame
 
     @property
     def socketio_text(self) -> str:

@@ -44,6 +44,9 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int, log_level
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on",
         ws_max_size=settings.max_message_bytes,
+        # The sans-I/O protocol is the one hub writes pre-encoded frames to; compression off,
+        # as in socket.io's default, since per-recipient deflate would undo encode-once.
+        ws="websockets-sansio", ws_per_message_deflate=False,
         ws_ping_interval=20.0, ws_ping_timeout=20.0,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 5,
         proxy_headers=True, server_header=False, **extra,

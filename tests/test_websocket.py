@@ -263,7 +263,7 @@ async def test_instance_connection_limit_and_subscribe_list_size() -> None:
     st.text(max_size=50),
     st.binary(max_size=50).map(lambda b: b.decode("latin-1")),
     st.dictionaries(st.sampled_from(["action", "event_types", "last_event_id", "x"]),
-                    st.one_of(st.none(), st.integers(), st.text(max_size=20),
+                    st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=20),
                               st.lists(st.text(max_size=25), max_size=3)),
                     max_size=4).map(lambda d: orjson.dumps(d).decode()),
 ), min_size=1, max_size=15))

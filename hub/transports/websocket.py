@@ -26,6 +26,7 @@ from hub.exceptions import BackendUnavailable, ProtocolError
 from hub.limits import TokenBucket
 from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
 from hub.protocol import server_message as control
+from hub.transports.frames import frame_sink, text_frame
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -43,7 +44,10 @@ class PlainConnection(Subscriber):
         super().__init__(principal)
         self.websocket = websocket
         self.connection_id = f"ws_{next(_ids)}_{secrets.token_hex(4)}"
-        self._outbox: deque[str] = deque()
+        # With a sink, frames go straight to the transport (shared, pre-encoded bytes) and
+        # the outbox holds frames; without one, it holds texts for ASGI sends.
+        self._sink = frame_sink(websocket.scope)
+        self._outbox: deque[str | bytes] = deque()
         self._limit = outbox_limit
         self._wakeup = asyncio.Event()
         self._close_after_flush: tuple[int, str] | None = None
@@ -58,7 +62,7 @@ class PlainConnection(Subscriber):
         return len(self._outbox)
 
     def _send(self, event: Event, replay: bool = False) -> None:
-        self.enqueue(event.text, bounded=not replay)
+        self._put(event.frame if self._sink is not None else event.text, bounded=not replay)
 
     def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
         self.enqueue(control("history_truncated", {
@@ -67,17 +71,46 @@ class PlainConnection(Subscriber):
                        "the replay starts at first_retained_id",
         }))
 
-    def enqueue(self, text: str, bounded: bool = False) -> None:
-        """Queue a frame. Only live events are ``bounded`` by the outbox limit: replies to
-        the client's own messages are bounded by its message rate, replays by the history."""
+    def enqueue(self, text: str) -> None:
+        """Queue a control message (a reply to the client, bounded by its message rate)."""
+        self._put(text_frame(text.encode()) if self._sink is not None else text, bounded=False)
+
+    def _put(self, item: str | bytes, bounded: bool) -> None:
+        """Send or queue one frame. Only live events are ``bounded`` by the outbox limit:
+        replies are bounded by the client's message rate, replays by the history size."""
         if self._closed or self._close_after_flush is not None:
+            return
+        sink = self._sink
+        if sink is not None and not self._outbox and sink.ready():
+            # Nothing queued ahead of it and no backpressure: out now, no task switch.
+            assert isinstance(item, bytes)
+            sink.write(item)
             return
         if bounded and len(self._outbox) >= self._limit:
             self._on_slow(self)
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
             return
-        self._outbox.append(text)
+        self._outbox.append(item)
         self._wakeup.set()
+
+    async def _drain(self) -> None:
+        ws, sink, outbox = self.websocket, self._sink, self._outbox
+        while outbox:
+            if sink is None:
+                item = outbox.popleft()
+                assert isinstance(item, str)
+                await ws.send_text(item)
+            elif sink.closed:
+                outbox.clear()  # the peer is gone; the reader will see the disconnect
+            elif sink.ready():
+                # Write while the transport takes it; frames stay queued (in order) until
+                # then, so a direct write in _put can never overtake one.
+                while outbox and sink.ready():
+                    frame = outbox.popleft()
+                    assert isinstance(frame, bytes)
+                    sink.write(frame)
+            else:
+                await sink.wait_ready()
 
     async def run_writer(self) -> None:
         ws = self.websocket
@@ -85,8 +118,7 @@ class PlainConnection(Subscriber):
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                while self._outbox:
-                    await ws.send_text(self._outbox.popleft())
+                await self._drain()
                 if self._close_after_flush is not None:
                     code, reason = self._close_after_flush
                     self._closed = True
