@@ -158,6 +158,7 @@ class Event:
     _sio_packet: Any = field(default=None, repr=False)
     _key: tuple[int, int] | None = field(default=None, repr=False)
     _frame: bytes | None = field(default=None, repr=False)
+    _sio_frame: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         tenant = self.data.get("tenant_id")
@@ -204,6 +205,15 @@ class Event:
 
             self._sio_packet = eio_packet.Packet(eio_packet.MESSAGE, self.socketio_text)
         return self._sio_packet
+
+    @property
+    def socketio_frame(self) -> bytes:
+        """The Engine.IO message carrying :attr:`socketio_text` as a WebSocket frame."""
+        if self._sio_frame is None:
+            from hub.transports.frames import text_frame
+
+            self._sio_frame = text_frame(("4" + self.socketio_text).encode())
+        return self._sio_frame
 
     def body(self) -> bytes:
         """What a backend stores: the envelope without the id (the store assigns the id)."""

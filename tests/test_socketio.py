@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import socketio
 
@@ -166,3 +168,23 @@ async def test_slow_socketio_consumer_is_disconnected_and_others_keep_receiving(
         assert [c.principal.user_id for c in rooms] == ["fast"]
         stalled.transport.abort()
         await fast.close()
+
+
+async def test_events_stay_in_order_across_the_polling_to_websocket_upgrade(
+        memory_hub: RunningHub) -> None:
+    client = SioClient()
+    await client.connect(memory_hub.url, auth={"token": make_token(),
+                                               "event_types": ["cost_threshold_alert"]},
+                         transports=["polling", "websocket"])
+    sent = []
+    for n in range(300):  # publishing while the client upgrades
+        sent.append((await memory_hub.publish(
+            "cost_threshold_alert", {"severity": "info", "message": "m", "n": n})).id)
+        if n % 10 == 0:
+            await asyncio.sleep(0)  # let the upgrade proceed between publishes
+    got = [(await client.next_event())["id"] for _ in sent]
+    assert got == sent
+    assert client.client.transport() == "websocket"
+    conn = next(iter(memory_hub.hub.socketio.connections.values()))
+    assert conn._direct  # events now go straight to the upgraded WebSocket
+    await client.close()

@@ -9,9 +9,12 @@ per event and queued on each Engine.IO socket, whose single writer sends it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 import socketio
@@ -22,6 +25,7 @@ from hub.dispatch.base import Subscriber
 from hub.dispatch.manager import queue_eio_packet
 from hub.events import Event
 from hub.exceptions import BackendUnavailable, ProtocolError
+from hub.transports.frames import FrameSink, frame_sink, text_frame
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -31,6 +35,15 @@ NAMESPACE = "/"
 
 
 class SocketIOConnection(Subscriber):
+    """A Socket.IO socket as the dispatcher sees it.
+
+    Over long-polling, events go through engine.io's queue. Once the socket is on a
+    WebSocket served by uvicorn, they take the same path as ``/ws/events``: the event's
+    Engine.IO frame, built once, written straight to the transport, with a bounded outbox
+    and a writer of our own for backpressure. The switch waits until engine.io has sent
+    what it queued (the CONNECT packet, or what was pending at the upgrade), so events
+    never overtake it."""
+
     transport = "socketio"
 
     def __init__(self, transport: SocketIOTransport, sid: str, eio_sid: str,
@@ -43,15 +56,30 @@ class SocketIOConnection(Subscriber):
         self._limit = transport.hub.settings.outbox_limit
         self.kicked = False
         self.expiry: asyncio.TimerHandle | None = None
+        self._sink: FrameSink | None = None
+        self._direct = False  # engine.io's queue is drained: frames may go out directly
+        self._outbox: deque[bytes] = deque()
+        self._wakeup = asyncio.Event()
+        self.drained = asyncio.Event()  # the outbox is empty (for a graceful stop)
+        self.drained.set()
+        self._writer: asyncio.Task[None] | None = None
 
+    # -- sending ------------------------------------------------------------------------
     def _send(self, event: Event, replay: bool = False) -> None:
-        # One packet object per event per instance, shared by all its recipients.
-        self._queue(event.socketio_packet, bounded=not replay)
+        if self._sink is None and not self._try_attach():
+            # One packet object per event per instance, shared by all its recipients.
+            self._queue(event.socketio_packet, bounded=not replay)
+            return
+        self._put(event.socketio_frame, bounded=not replay)
 
     def emit_now(self, name: str, data: Any) -> None:
-        """Queue a hub-originated Socket.IO event (``history_truncated``) for this socket."""
+        """Send a hub-originated Socket.IO event (``resumed``, ``history_truncated``…) in
+        order with the events around it."""
         text = "2" + orjson.dumps([name, data]).decode()
-        self._queue(eio_packet.Packet(eio_packet.MESSAGE, text))
+        if self._sink is None and not self._try_attach():
+            self._queue(eio_packet.Packet(eio_packet.MESSAGE, text))
+            return
+        self._put(text_frame(("4" + text).encode()), bounded=False)
 
     def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
         self.emit_now("history_truncated", {
@@ -61,12 +89,78 @@ class SocketIOConnection(Subscriber):
         })
 
     def _queue(self, pkt: eio_packet.Packet, bounded: bool = False) -> None:
-        """As PlainConnection.enqueue: only live events count against the limit."""
+        """Through engine.io's queue; only live events count against the limit."""
         if self.kicked:
             return
         size = queue_eio_packet(self._server, self.eio_sid, pkt)
         if bounded and size is not None and size > self._limit:
             self._transport.kick_slow(self)
+
+    def _put(self, frame: bytes, bounded: bool) -> None:
+        if self.kicked:
+            return
+        sink = self._sink
+        assert sink is not None
+        if self._direct and not self._outbox and sink.ready():
+            sink.write(frame)
+            return
+        if bounded and len(self._outbox) >= self._limit:
+            self._transport.kick_slow(self)
+            return
+        self._outbox.append(frame)
+        self.drained.clear()
+        self._wakeup.set()
+
+    # -- the direct path ----------------------------------------------------------------
+    def _try_attach(self) -> bool:
+        """Use the WebSocket this socket was upgraded to, once the upgrade is complete."""
+        sink = self._transport.sink_for(self.eio_sid)
+        if sink is None:
+            return False
+        self.attach(sink)
+        return True
+
+    def attach(self, sink: FrameSink) -> None:
+        if self._sink is not None or self.kicked:
+            return
+        self._sink = sink
+        self._writer = asyncio.get_running_loop().create_task(self._run_writer(sink))
+
+    async def _run_writer(self, sink: FrameSink) -> None:
+        sock = self._server.eio.sockets.get(self.eio_sid)
+        if sock is not None:
+            # engine.io's writer first: what it queued before us must go out before us.
+            await sock.queue.join()
+        await sink.wait_ready()
+        # engine.io's writer, if it was waiting for the transport too, woke before us;
+        # one turn of the loop lets it finish the frames it was holding.
+        await asyncio.sleep(0)
+        self._direct = True
+        outbox = self._outbox
+        while True:
+            while outbox:
+                if sink.closed:
+                    outbox.clear()
+                    break
+                if not sink.ready():
+                    await sink.wait_ready()
+                    continue
+                while outbox and sink.ready():
+                    sink.write(outbox.popleft())
+            self._wakeup.clear()
+            if not outbox:
+                self.drained.set()
+                await self._wakeup.wait()
+
+    @property
+    def queued(self) -> int:
+        return len(self._outbox)
+
+    def stop_writer(self) -> None:
+        self._outbox.clear()
+        self.drained.set()
+        if self._writer is not None:
+            self._writer.cancel()
 
     def rooms_changed(self, joined: set[str], left: set[str]) -> None:
         manager = self._server.manager
@@ -114,7 +208,27 @@ class SocketIOTransport:
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("subscribe", self._subscribe)
         self.sio.on("unsubscribe", self._unsubscribe)
-        self.asgi_app = socketio.ASGIApp(self.sio, socketio_path=None)
+        self._engineio_app = socketio.ASGIApp(self.sio, socketio_path=None)
+        self._upgrade_sinks: dict[str, FrameSink] = {}
+
+    async def asgi_app(self, scope: Any, receive: Any, send: Any) -> None:
+        """python-socketio's ASGI app, noting the WebSocket of each polling→websocket
+        upgrade (its request carries the Engine.IO ``sid``) for direct frame writes."""
+        if scope["type"] == "websocket":
+            sid = parse_qs(scope.get("query_string", b"").decode()).get("sid")
+            sink = frame_sink(scope) if sid else None
+            if sid and sink is not None:
+                self._upgrade_sinks[sid[0]] = sink
+        await self._engineio_app(scope, receive, send)
+
+    def sink_for(self, eio_sid: str) -> FrameSink | None:
+        """The WebSocket a polling socket was upgraded to, once the upgrade is done."""
+        if eio_sid not in self._upgrade_sinks:
+            return None
+        sock = self.sio.eio.sockets.get(eio_sid)
+        if sock is None or not sock.upgraded or sock.upgrading:
+            return None
+        return self._upgrade_sinks.pop(eio_sid)
 
     # -- connection lifecycle -----------------------------------------------------------
     async def _connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
@@ -150,6 +264,10 @@ class SocketIOTransport:
         principal, types, last_event_id = pending
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
         conn = SocketIOConnection(self, sid, eio_sid, principal)
+        environ = self.sio.environ.get(eio_sid) or {}
+        sink = frame_sink(environ.get("asgi.scope") or {})
+        if sink is not None:  # connected over a WebSocket from the start
+            conn.attach(sink)
         self.connections[sid] = conn
         self.hub.metrics.connections.labels(conn.transport).inc()
         self.hub.dispatcher.add(conn, types)
@@ -174,6 +292,8 @@ class SocketIOTransport:
         conn = self.connections.pop(sid, None)
         if conn is None:
             return
+        self._upgrade_sinks.pop(conn.eio_sid, None)
+        conn.stop_writer()
         if conn.expiry is not None:
             conn.expiry.cancel()
         self.hub.dispatcher.remove(conn)
@@ -187,8 +307,8 @@ class SocketIOTransport:
     def kick_slow(self, conn: SocketIOConnection) -> None:
         self.hub.metrics.slow_consumers.labels(conn.transport).inc()
         sock = self.sio.eio.sockets.get(conn.eio_sid)
-        if sock is not None:
-            self.hub.metrics.dropped.labels("slow_consumer").inc(sock.queue.qsize())
+        dropped = conn.queued + (sock.queue.qsize() if sock is not None else 0)
+        self.hub.metrics.dropped.labels("slow_consumer").inc(dropped)
         log.warning("disconnecting slow Socket.IO consumer %s (user %s)", conn.sid,
                     conn.principal.user_id)
         self._kick(conn, drop_queue=True)
@@ -198,6 +318,7 @@ class SocketIOTransport:
             return
         conn.kicked = True
         if drop_queue:
+            conn.stop_writer()
             sock = self.sio.eio.sockets.get(conn.eio_sid)
             if sock is not None:
                 # Free the backlog now; the socket is going away.
@@ -207,6 +328,9 @@ class SocketIOTransport:
         asyncio.get_running_loop().create_task(self._disconnect_now(conn))
 
     async def _disconnect_now(self, conn: SocketIOConnection) -> None:
+        # What is still queued (a token_expired notice) goes out first, within reason.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(conn.drained.wait(), 5)
         await self.sio.disconnect(conn.sid)
         await self.sio.eio.disconnect(conn.eio_sid)
 
@@ -270,7 +394,11 @@ class SocketIOTransport:
         Closing the transport, not sending a Socket.IO disconnect, is deliberate: clients
         treat a server disconnect as final, but reconnect (to another instance, resuming
         with ``auth.last_event_id``) after a lost transport."""
-        for conn in list(self.connections.values()):
+        conns = list(self.connections.values())
+        if conns:
+            await asyncio.wait([asyncio.create_task(c.drained.wait()) for c in conns],
+                               timeout=self.hub.settings.shutdown_timeout_s)
+        for conn in conns:
             await self.sio.eio.disconnect(conn.eio_sid)
 
 
