@@ -206,6 +206,12 @@ class HubApp(Starlette):
             # Before any middleware wraps it: the server's own send, for direct frame
             # writes (hub.transports.frames).
             scope[SEND_KEY] = send
+            path, root = scope["path"], scope.get("root_path", "")
+            if (path[len(root):] if path.startswith(root) else path) == "/ws/events":
+                # Straight to the endpoint: routing and exception middleware would stay on
+                # the stack of every open connection for its whole life (~3 KB each).
+                await self.hub.websocket.asgi(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
     def lifespan_context_for_host(self) -> contextlib.AbstractAsyncContextManager[None]:

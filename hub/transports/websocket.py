@@ -1,8 +1,9 @@
 """``/ws/events``: the spec's plain WebSocket protocol.
 
-Each connection has a bounded outbox and one writer task; the dispatcher only appends to
-the outbox, so a broadcast never awaits a client. A client whose outbox fills up is closed
-with 4008 instead of growing the server's memory.
+A broadcast never awaits a client: each event's frame goes straight to the connection's
+transport when nothing is queued ahead of it (hub.transports.frames), else into a bounded
+outbox that one writer task drains while the client pushes back. A client whose outbox
+fills up is closed with 4008 instead of growing the server's memory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from hub.auth import AuthError, Principal, origin_allowed, token_from_headers
@@ -47,9 +49,10 @@ class PlainConnection(Subscriber):
         # With a sink, frames go straight to the transport (shared, pre-encoded bytes) and
         # the outbox holds frames; without one, it holds texts for ASGI sends.
         self._sink = frame_sink(websocket.scope)
-        self._outbox: deque[str | bytes] = deque()
+        # Created on first use: an empty deque is ~600 bytes, and most connections never
+        # queue anything when frames go straight to the transport.
+        self._outbox: deque[str | bytes] | None = None
         self._limit = outbox_limit
-        self._wakeup = asyncio.Event()
         self._close_after_flush: tuple[int, str] | None = None
         self._closed = False
         self._on_slow = on_slow
@@ -59,7 +62,7 @@ class PlainConnection(Subscriber):
     # -- outbox -------------------------------------------------------------------------
     @property
     def queued(self) -> int:
-        return len(self._outbox)
+        return len(self._outbox) if self._outbox is not None else 0
 
     def _send(self, event: Event, replay: bool = False) -> None:
         self._put(event.frame if self._sink is not None else event.text, bounded=not replay)
@@ -86,15 +89,25 @@ class PlainConnection(Subscriber):
             assert isinstance(item, bytes)
             sink.write(item)
             return
-        if bounded and len(self._outbox) >= self._limit:
+        if bounded and self.queued >= self._limit:
             self._on_slow(self)
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
             return
+        if self._outbox is None:
+            self._outbox = deque()
         self._outbox.append(item)
-        self._wakeup.set()
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        # A writer task exists only while something waits to be sent: an idle connection
+        # (most of them, most of the time) costs no task.
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(self._run_writer())
 
     async def _drain(self) -> None:
         ws, sink, outbox = self.websocket, self._sink, self._outbox
+        if outbox is None:
+            return
         while outbox:
             if sink is None:
                 item = outbox.popleft()
@@ -112,18 +125,14 @@ class PlainConnection(Subscriber):
             else:
                 await sink.wait_ready()
 
-    async def run_writer(self) -> None:
+    async def _run_writer(self) -> None:
         ws = self.websocket
         try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                await self._drain()
-                if self._close_after_flush is not None:
-                    code, reason = self._close_after_flush
-                    self._closed = True
-                    await ws.close(code, reason)
-                    return
+            await self._drain()
+            if self._close_after_flush is not None:
+                code, reason = self._close_after_flush
+                self._closed = True
+                await ws.close(code, reason)
         except (WebSocketDisconnect, OSError, RuntimeError):
             # The peer went away (or the socket was closed under us): nothing left to send.
             self._closed = True
@@ -134,14 +143,15 @@ class PlainConnection(Subscriber):
         if self._closed or self._close_after_flush is not None:
             return
         self._close_after_flush = (code, reason)
-        self._wakeup.set()
+        self._start_writer()
 
     def abort(self, code: int, reason: str) -> None:
         """Drop what is queued and close now (slow consumer, expiry, abuse)."""
         if self._closed:
             return
         self._closed = True
-        self._outbox.clear()
+        if self._outbox is not None:
+            self._outbox.clear()
         self._on_abort(self)  # stop fan-out to it now, not when its TCP connection ends
         if self.writer is not None:
             # The writer may be stuck in a send to a client that does not read; a frame
@@ -162,6 +172,10 @@ class PlainTransport:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.connections: set[PlainConnection] = set()
+
+    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The endpoint as a bare ASGI app (what HubApp dispatches to without routing)."""
+        await self.endpoint(WebSocket(scope, receive, send))
 
     async def endpoint(self, websocket: WebSocket) -> None:
         hub = self.hub
@@ -198,7 +212,6 @@ class PlainTransport:
         hub = self.hub
         conn = PlainConnection(websocket, principal, hub.settings.outbox_limit, self._slow,
                                hub.dispatcher.remove)
-        conn.writer = asyncio.create_task(conn.run_writer())
         self.connections.add(conn)
         hub.metrics.connections.labels(conn.transport).inc()
         hub.dispatcher.add(conn)
@@ -223,10 +236,12 @@ class PlainTransport:
             hub.dispatcher.remove(conn)
             self.connections.discard(conn)
             hub.metrics.connections.labels(conn.transport).dec()
-            if not conn.writer.done() and conn._close_after_flush is None:
-                conn.writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await conn.writer
+            writer = conn.writer
+            if writer is not None:
+                if not writer.done() and conn._close_after_flush is None:
+                    writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
 
     def _schedule_expiry(self, conn: PlainConnection) -> asyncio.TimerHandle | None:
         expires_at = conn.principal.expires_at
