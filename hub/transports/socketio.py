@@ -58,8 +58,7 @@ class SocketIOConnection(Subscriber):
         self.expiry: asyncio.TimerHandle | None = None
         self._sink: FrameSink | None = None
         self._direct = False  # engine.io's queue is drained: frames may go out directly
-        self._outbox: deque[bytes] = deque()
-        self._wakeup = asyncio.Event()
+        self._outbox: deque[bytes] | None = None  # created on first use (~600 bytes)
         self.drained = asyncio.Event()  # the outbox is empty (for a graceful stop)
         self.drained.set()
         self._writer: asyncio.Task[None] | None = None
@@ -104,12 +103,15 @@ class SocketIOConnection(Subscriber):
         if self._direct and not self._outbox and sink.ready():
             sink.write(frame)
             return
-        if bounded and len(self._outbox) >= self._limit:
+        if bounded and self.queued >= self._limit:
             self._transport.kick_slow(self)
             return
+        if self._outbox is None:
+            self._outbox = deque()
         self._outbox.append(frame)
         self.drained.clear()
-        self._wakeup.set()
+        if self._direct:
+            self._start_writer()  # before _direct, the switch-over writer is running
 
     # -- the direct path ----------------------------------------------------------------
     def _try_attach(self) -> bool:
@@ -124,9 +126,9 @@ class SocketIOConnection(Subscriber):
         if self._sink is not None or self.kicked:
             return
         self._sink = sink
-        self._writer = asyncio.get_running_loop().create_task(self._run_writer(sink))
+        self._writer = asyncio.get_running_loop().create_task(self._switch_over(sink))
 
-    async def _run_writer(self, sink: FrameSink) -> None:
+    async def _switch_over(self, sink: FrameSink) -> None:
         sock = self._server.eio.sockets.get(self.eio_sid)
         if sock is not None:
             # engine.io's writer first: what it queued before us must go out before us.
@@ -136,28 +138,34 @@ class SocketIOConnection(Subscriber):
         # one turn of the loop lets it finish the frames it was holding.
         await asyncio.sleep(0)
         self._direct = True
+        await self._drain(sink)
+
+    def _start_writer(self) -> None:
+        # Only while frames wait: an idle socket costs no task of ours.
+        if self._writer is None or self._writer.done():
+            assert self._sink is not None
+            self._writer = asyncio.get_running_loop().create_task(self._drain(self._sink))
+
+    async def _drain(self, sink: FrameSink) -> None:
         outbox = self._outbox
-        while True:
-            while outbox:
-                if sink.closed:
-                    outbox.clear()
-                    break
-                if not sink.ready():
-                    await sink.wait_ready()
-                    continue
-                while outbox and sink.ready():
-                    sink.write(outbox.popleft())
-            self._wakeup.clear()
-            if not outbox:
-                self.drained.set()
-                await self._wakeup.wait()
+        while outbox:
+            if sink.closed:
+                outbox.clear()
+                break
+            if not sink.ready():
+                await sink.wait_ready()
+                continue
+            while outbox and sink.ready():
+                sink.write(outbox.popleft())
+        self.drained.set()
 
     @property
     def queued(self) -> int:
-        return len(self._outbox)
+        return len(self._outbox) if self._outbox is not None else 0
 
     def stop_writer(self) -> None:
-        self._outbox.clear()
+        if self._outbox is not None:
+            self._outbox.clear()
         self.drained.set()
         if self._writer is not None:
             self._writer.cancel()
@@ -332,7 +340,15 @@ class SocketIOTransport:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(conn.drained.wait(), 5)
         await self.sio.disconnect(conn.sid)
-        await self.sio.eio.disconnect(conn.eio_sid)
+        await self._close_transport(conn.eio_sid)
+
+    async def _close_transport(self, eio_sid: str) -> None:
+        """Close the Engine.IO socket without waiting for its queue to be sent: the writer
+        of a slow or vanished client may never get there (engine.io's own disconnect would
+        wait for ever)."""
+        sock = self.sio.eio.sockets.get(eio_sid)
+        if sock is not None:
+            await sock.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
 
     # -- client events ------------------------------------------------------------------
     async def _subscribe(self, sid: str, data: Any) -> dict[str, Any]:
@@ -399,7 +415,7 @@ class SocketIOTransport:
             await asyncio.wait([asyncio.create_task(c.drained.wait()) for c in conns],
                                timeout=self.hub.settings.shutdown_timeout_s)
         for conn in conns:
-            await self.sio.eio.disconnect(conn.eio_sid)
+            await self._close_transport(conn.eio_sid)
 
 
 def _error(exc: ProtocolError) -> dict[str, Any]:
