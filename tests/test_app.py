@@ -6,9 +6,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
 from hub import create_app
@@ -181,3 +184,22 @@ async def test_mounted_in_a_fastapi_host_that_owns_its_redis(redis_server: Redis
         assert health["redis_connected"] is True
         await ws.close()
         await sio.close()
+
+
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.dictionaries(st.sampled_from(["type", "data", "timestamp", "x"]),
+                    st.one_of(st.none(), st.text(max_size=30), st.integers(-(2**53), 2**53),
+                              st.dictionaries(st.text(max_size=12),
+                                              st.one_of(st.none(), st.floats(allow_nan=False),
+                                                        st.text(max_size=12)), max_size=5)),
+                    max_size=4).map(lambda d: orjson.dumps(d)),
+))
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+async def test_fuzzed_publishes_get_a_clear_answer(memory_hub: RunningHub, body: bytes) -> None:
+    response = await post(memory_hub, None, content=body)
+    assert response.status_code in (202, 400, 422), response.text
+    if response.status_code != 202:
+        error = response.json()["error"]
+        assert error["code"] and error["message"]

@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 import socketio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import RunningHub, make_settings, make_token, run_hub
 from tests.helpers import HEALTH, THREAT, client_frame, stalled_client, wait_until
@@ -59,6 +61,7 @@ async def test_subscribe_and_unsubscribe_acknowledge(any_hub: RunningHub) -> Non
     ({"event_types": ["nope"]}, "unknown_event_type"),
     ({"event_types": "threat_detected"}, "invalid_event_types"),
     ("threat_detected", "not_an_object"),
+    (None, "not_an_object"),  # an emit without arguments once left the client without ack
     ({"event_types": ["threat_detected"], "last_event_id": "yesterday"},
      "invalid_last_event_id"),
 ])
@@ -187,4 +190,34 @@ async def test_events_stay_in_order_across_the_polling_to_websocket_upgrade(
     assert client.client.transport() == "websocket"
     conn = next(iter(memory_hub.hub.socketio.connections.values()))
     assert conn._direct  # events now go straight to the upgraded WebSocket
+    await client.close()
+
+
+payloads = st.one_of(
+    st.none(), st.integers(-(2**53), 2**53), st.text(max_size=30),
+    st.lists(st.text(max_size=25), max_size=4),
+    st.dictionaries(st.sampled_from(["event_types", "last_event_id", "x"]),
+                    st.one_of(st.none(), st.text(max_size=25),
+                              st.lists(st.text(max_size=25), max_size=4)), max_size=3),
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["subscribe", "unsubscribe", "nonsense"]), payloads),
+                min_size=1, max_size=8))
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+async def test_fuzzed_socketio_events_never_break_the_socket(
+        memory_hub: RunningHub, calls: list[tuple[str, object]]) -> None:
+    client = SioClient()
+    await client.connect(memory_hub.url, auth={"token": make_token()})
+    for name, payload in calls:
+        if name == "nonsense":
+            await client.client.emit(name, payload)  # no handler: ignored
+            continue
+        ack = await client.call(name, payload)
+        assert set(ack) in ({"subscribed_to"}, {"error"}) or "replayed" in ack
+    # Still connected and still delivering.
+    await client.call("subscribe", {"event_types": ["threat_detected"]})
+    event = await memory_hub.publish("threat_detected", THREAT)
+    assert (await client.next_event("threat_detected"))["id"] == event.id
     await client.close()

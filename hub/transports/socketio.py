@@ -351,7 +351,7 @@ class SocketIOTransport:
             await sock.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
 
     # -- client events ------------------------------------------------------------------
-    async def _subscribe(self, sid: str, data: Any) -> dict[str, Any]:
+    async def _subscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
         conn = self.connections.get(sid)
         if conn is None:
             return _error(ProtocolError("not connected", code="not_connected"))
@@ -372,7 +372,7 @@ class SocketIOTransport:
             return _error(exc)
         return ack
 
-    async def _unsubscribe(self, sid: str, data: Any) -> dict[str, Any]:
+    async def _unsubscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
         conn = self.connections.get(sid)
         if conn is None:
             return _error(ProtocolError("not connected", code="not_connected"))
