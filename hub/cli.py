@@ -176,17 +176,13 @@ async def _publish_redis(redis_url: str, type_: str, data: Any) -> dict[str, Any
     from hub.publish import Publisher
 
     try:
-        settings = Settings.from_env(jwt_secret="-" * 32) if not _has_key() else Settings.from_env()
+        settings = Settings.from_env(need_key=False)
         async with Publisher.from_settings(settings, retry_for_s=5.0) as publisher:
             event = await publisher.publish(type_, data)
     except HubError as exc:
         field = getattr(exc, "field", None)
         _fail(f"{exc.message}" + (f" (field: {field})" if field else ""))
     return {"id": event.id, "type": event.type, "timestamp": event.timestamp}
-
-
-def _has_key() -> bool:
-    return bool(os.environ.get("JWT_SECRET") or os.environ.get("JWT_PUBLIC_KEY"))
 
 
 def _publish_http(url: str, token: str | None, type_: str, data: Any) -> dict[str, Any]:

@@ -63,8 +63,12 @@ class Settings:
     json_logs: bool = False
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read settings from ``environ`` (default: ``os.environ``); ``overrides`` win."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
+                 **overrides: Any) -> Settings:
+        """Read settings from ``environ`` (default: ``os.environ``); ``overrides`` win.
+
+        ``need_key=False`` is for tools that only publish through Redis and never check a
+        token (``hub publish`` with ``REDIS_URL``)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -78,7 +82,7 @@ class Settings:
             settings = cls(**values)
         except TypeError as exc:  # an unknown override name is a programming error upstream
             raise ConfigError(str(exc)) from None
-        settings.validate()
+        settings.validate(need_key=need_key)
         return settings
 
     def replace(self, **changes: Any) -> Settings:
@@ -104,9 +108,9 @@ class Settings:
             return self.jwt_algorithms
         return ("RS256", "ES256") if self.jwt_public_key else ("HS256",)
 
-    def validate(self) -> None:
+    def validate(self, *, need_key: bool = True) -> None:
         """Raise :class:`ConfigError` with one clear sentence for the first bad setting."""
-        if not self.jwt_secret and not self.jwt_public_key:
+        if need_key and not self.jwt_secret and not self.jwt_public_key:
             raise ConfigError(
                 "no token key: set JWT_SECRET (HS256, at least 32 bytes) or JWT_PUBLIC_KEY "
                 "(RS256/ES256); for a throwaway local run use `hub serve --dev`"
