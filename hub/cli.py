@@ -251,12 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "JWT_SECRET)")
     publish.set_defaults(func=_publish)
 
-    try:
-        from hub.tail import add_parser as add_tail
-    except ImportError:  # pragma: no cover - tail is optional while it is being built
-        pass
-    else:
-        add_tail(commands)
+    from hub.tail import add_parser as add_tail
+
+    add_tail(commands)
     return parser
 
 
