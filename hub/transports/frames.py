@@ -15,6 +15,7 @@ interleave safely with the protocol's own pings and close frames.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,21 @@ class FrameSink:
     async def wait_ready(self) -> None:
         # uvicorn sets `writable` again when the transport drains or the connection is lost.
         await self._protocol.writable.wait()
+
+
+async def write_queued(sink: FrameSink, outbox: deque[Any]) -> None:
+    """Write queued frames (bytes) in order as the transport takes them, waiting out its
+    backpressure; drop them if the connection is gone. Frames stay queued until written,
+    so a direct write (which requires an empty queue) can never overtake one."""
+    while outbox:
+        if sink.closed:
+            outbox.clear()
+            return
+        if not sink.ready():
+            await sink.wait_ready()
+            continue
+        while outbox and sink.ready():
+            sink.write(outbox.popleft())
 
 
 def frame_sink(scope: Mapping[str, Any]) -> FrameSink | None:

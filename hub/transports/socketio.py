@@ -25,7 +25,7 @@ from hub.dispatch.base import Subscriber
 from hub.dispatch.manager import queue_eio_packet
 from hub.events import Event
 from hub.exceptions import BackendUnavailable, ProtocolError
-from hub.transports.frames import FrameSink, frame_sink, text_frame
+from hub.transports.frames import FrameSink, frame_sink, text_frame, write_queued
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -147,16 +147,8 @@ class SocketIOConnection(Subscriber):
             self._writer = asyncio.get_running_loop().create_task(self._drain(self._sink))
 
     async def _drain(self, sink: FrameSink) -> None:
-        outbox = self._outbox
-        while outbox:
-            if sink.closed:
-                outbox.clear()
-                break
-            if not sink.ready():
-                await sink.wait_ready()
-                continue
-            while outbox and sink.ready():
-                sink.write(outbox.popleft())
+        if self._outbox is not None:
+            await write_queued(sink, self._outbox)
         self.drained.set()
 
     @property

@@ -28,7 +28,7 @@ from hub.exceptions import BackendUnavailable, ProtocolError
 from hub.limits import TokenBucket
 from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
 from hub.protocol import server_message as control
-from hub.transports.frames import frame_sink, text_frame
+from hub.transports.frames import frame_sink, text_frame, write_queued
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -108,22 +108,13 @@ class PlainConnection(Subscriber):
         ws, sink, outbox = self.websocket, self._sink, self._outbox
         if outbox is None:
             return
+        if sink is not None:
+            await write_queued(sink, outbox)
+            return
         while outbox:
-            if sink is None:
-                item = outbox.popleft()
-                assert isinstance(item, str)
-                await ws.send_text(item)
-            elif sink.closed:
-                outbox.clear()  # the peer is gone; the reader will see the disconnect
-            elif sink.ready():
-                # Write while the transport takes it; frames stay queued (in order) until
-                # then, so a direct write in _put can never overtake one.
-                while outbox and sink.ready():
-                    frame = outbox.popleft()
-                    assert isinstance(frame, bytes)
-                    sink.write(frame)
-            else:
-                await sink.wait_ready()
+            item = outbox.popleft()
+            assert isinstance(item, str)
+            await ws.send_text(item)
 
     async def _run_writer(self) -> None:
         ws = self.websocket
