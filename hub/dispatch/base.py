@@ -139,9 +139,18 @@ class Subscriber(abc.ABC):
         self.state = SubscriberState.CLOSED
         self._held = []
 
-    @abc.abstractmethod
     def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
         """Tell the client that events after ``last_event_id`` are no longer retained."""
+        self.send_control("history_truncated", {
+            "last_event_id": last_event_id, "first_retained_id": first_retained,
+            "message": "events after last_event_id were no longer retained; "
+                       "the replay starts at first_retained_id",
+        })
+
+    @abc.abstractmethod
+    def send_control(self, name: str, data: dict[str, Any]) -> None:
+        """Send a hub message that is not an event (``resumed``, ``history_truncated``…),
+        in order with the events around it."""
 
     @abc.abstractmethod
     def _send(self, event: Event, replay: bool = False) -> None:

@@ -18,7 +18,7 @@ import orjson
 
 from hub.dispatch.base import Backend, Subscriber
 from hub.events import Event, EventTypes, is_event_id, now_timestamp, parse_timestamp
-from hub.exceptions import EventError, ProtocolError
+from hub.exceptions import BackendUnavailable, EventError, ProtocolError
 from hub.metrics import Metrics
 
 log = logging.getLogger("hub.dispatch")
@@ -26,9 +26,15 @@ log = logging.getLogger("hub.dispatch")
 
 @dataclass(frozen=True, slots=True)
 class ResumeResult:
+    last_event_id: str
     replayed: int
     truncated: bool
     first_retained: str | None
+
+    def message(self) -> dict[str, Any]:
+        """What both transports send the client after a replay (``resumed``)."""
+        return {"last_event_id": self.last_event_id, "replayed": self.replayed,
+                "truncated": self.truncated, "first_retained_id": self.first_retained}
 
 
 class Dispatcher:
@@ -175,7 +181,10 @@ class Dispatcher:
 
     async def resume(self, sub: Subscriber, last_event_id: object) -> ResumeResult:
         """Send ``sub`` the retained events after ``last_event_id`` that match its
-        subscription and tenant, then let live ones through: no gap, no duplicate."""
+        subscription and tenant, then let live ones through: no gap, no duplicate.
+
+        Raises ProtocolError (the connection stays open) for a malformed id or while the
+        history is unreachable; live events go on either way."""
         if not is_event_id(last_event_id):
             raise ProtocolError("last_event_id must be an event id like 1700000000000-0",
                                 code="invalid_last_event_id")
@@ -183,8 +192,12 @@ class Dispatcher:
         sub.begin_replay()
         try:
             history = await self.backend.history(last_event_id)
+        except BackendUnavailable:
+            sub.end_replay()
+            raise ProtocolError("history is unavailable right now; live events continue",
+                                code="history_unavailable") from None
         except BaseException:
-            sub.end_replay()  # the live stream goes on; the caller tells the client
+            sub.end_replay()
             raise
         wanted = set(self.subscribed_to(sub))
         events = [e for e in history.events if e.type in wanted
@@ -193,4 +206,5 @@ class Dispatcher:
             sub.notify_truncated(last_event_id, history.first_retained)
         sub.replay(events)
         sub.end_replay()
-        return ResumeResult(len(events), history.truncated, history.first_retained)
+        return ResumeResult(last_event_id, len(events), history.truncated,
+                            history.first_retained)

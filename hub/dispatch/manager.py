@@ -52,29 +52,31 @@ class FastEmitMixin:
                 to=to, **kwargs,
             )
             return
-        await self._local_emit(event, data, namespace, to or room, skip_sid)
+        local_emit(self, event, data, namespace, to or room, skip_sid)
 
-    async def _local_emit(
-        self, event: str, data: Any, namespace: str, room: Any, skip_sid: Any
-    ) -> None:
-        if namespace not in self.rooms:  # type: ignore[attr-defined]
-            return
-        if isinstance(data, tuple):
-            args = list(data)
-        elif data is not None:
-            args = [data]
-        else:
-            args = []
-        skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
-        pkt = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args])
-        encoded = pkt.encode()
-        parts = encoded if isinstance(encoded, list) else [encoded]
-        eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in parts]
-        for sid, eio_sid in self.get_participants(namespace, room):  # type: ignore[attr-defined]
-            if sid in skip:
-                continue
-            for p in eio_pkts:
-                queue_eio_packet(self.server, eio_sid, p)
+
+def local_emit(manager: Any, event: str, data: Any, namespace: str, room: Any,
+               skip_sid: Any) -> None:
+    """Emit to this instance's sockets in ``room``: one encoding, queued on each socket."""
+    if namespace not in manager.rooms:
+        return
+    if isinstance(data, tuple):
+        args = list(data)
+    elif data is not None:
+        args = [data]
+    else:
+        args = []
+    skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
+    server = manager.server
+    pkt = server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args])
+    encoded = pkt.encode()
+    parts = encoded if isinstance(encoded, list) else [encoded]
+    eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in parts]
+    for sid, eio_sid in manager.get_participants(namespace, room):
+        if sid in skip:
+            continue
+        for p in eio_pkts:
+            queue_eio_packet(server, eio_sid, p)
 
 
 class ConnectHookMixin:

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from hub.backoff import Backoff
 from hub.dispatch.base import Backend, History
-from hub.dispatch.manager import ConnectHookMixin, FastEmitMixin
+from hub.dispatch.manager import ConnectHookMixin, local_emit
 from hub.events import Event, id_key
 from hub.exceptions import BackendUnavailable
 
@@ -104,7 +104,7 @@ class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ig
         data = message["data"]
         if isinstance(data, list):
             data = data[0] if len(data) == 1 else tuple(data)
-        await FastEmitMixin._local_emit(
+        local_emit(
             self,
             message["event"], data, message.get("namespace") or "/",
             message.get("room"), message.get("skip_sid"),

@@ -24,7 +24,7 @@ from hub.auth import AuthError, Principal, token_from_headers
 from hub.dispatch.base import Subscriber
 from hub.dispatch.manager import queue_eio_packet
 from hub.events import Event
-from hub.exceptions import BackendUnavailable, ProtocolError
+from hub.exceptions import ProtocolError
 from hub.transports.frames import FrameSink, frame_sink, text_frame, write_queued
 
 if TYPE_CHECKING:
@@ -80,12 +80,8 @@ class SocketIOConnection(Subscriber):
             return
         self._put(text_frame(("4" + text).encode()), bounded=False)
 
-    def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
-        self.emit_now("history_truncated", {
-            "last_event_id": last_event_id, "first_retained_id": first_retained,
-            "message": "events after last_event_id were no longer retained; "
-                       "the replay starts at first_retained_id",
-        })
+    def send_control(self, name: str, data: dict[str, Any]) -> None:
+        self.emit_now(name, data)
 
     def _queue(self, pkt: eio_packet.Packet, bounded: bool = False) -> None:
         """Through engine.io's queue; only live events count against the limit."""
@@ -378,13 +374,7 @@ class SocketIOTransport:
         return {"subscribed_to": dispatcher.subscribed_to(conn)}
 
     async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:
-        try:
-            result = await self.hub.dispatcher.resume(conn, last_event_id)
-        except BackendUnavailable:
-            raise ProtocolError("history is unavailable right now; live events continue",
-                                code="history_unavailable") from None
-        return {"last_event_id": last_event_id, "replayed": result.replayed,
-                "truncated": result.truncated, "first_retained_id": result.first_retained}
+        return (await self.hub.dispatcher.resume(conn, last_event_id)).message()
 
     async def _resume_task(self, conn: SocketIOConnection, last_event_id: Any) -> None:
         # Live events are held since _activate; dispatcher.resume keeps holding them.

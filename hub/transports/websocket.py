@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from hub.auth import AuthError, Principal, origin_allowed, token_from_headers
 from hub.dispatch.base import Subscriber
 from hub.events import Event
-from hub.exceptions import BackendUnavailable, ProtocolError
+from hub.exceptions import ProtocolError
 from hub.limits import TokenBucket
 from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
 from hub.protocol import server_message as control
@@ -67,12 +67,8 @@ class PlainConnection(Subscriber):
     def _send(self, event: Event, replay: bool = False) -> None:
         self._put(event.frame if self._sink is not None else event.text, bounded=not replay)
 
-    def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
-        self.enqueue(control("history_truncated", {
-            "last_event_id": last_event_id, "first_retained_id": first_retained,
-            "message": "events after last_event_id were no longer retained; "
-                       "the replay starts at first_retained_id",
-        }))
+    def send_control(self, name: str, data: dict[str, Any]) -> None:
+        self.enqueue(control(name, data))
 
     def enqueue(self, text: str) -> None:
         """Queue a control message (a reply to the client, bounded by its message rate)."""
@@ -296,15 +292,8 @@ class PlainTransport:
             await self._resume(conn, message.last_event_id)
 
     async def _resume(self, conn: PlainConnection, last_event_id: object) -> None:
-        try:
-            result = await self.hub.dispatcher.resume(conn, last_event_id)
-        except BackendUnavailable:
-            raise ProtocolError("history is unavailable right now; live events continue",
-                                code="history_unavailable") from None
-        conn.enqueue(control("resumed", {
-            "last_event_id": last_event_id, "replayed": result.replayed,
-            "truncated": result.truncated, "first_retained_id": result.first_retained,
-        }))
+        result = await self.hub.dispatcher.resume(conn, last_event_id)
+        conn.send_control("resumed", result.message())
 
     async def shutdown(self) -> None:
         """Flush every outbox, then close each connection with 1001."""
