@@ -156,6 +156,27 @@ async def test_health_follows_the_subscriber_through_a_redis_outage(own_redis: R
         assert running.hub.metrics.redis_reconnects._value.get() >= 1
         await ws.close()
 
+        # python-socketio's channel is back too: an external emitter reaches Socket.IO
+        # clients again (once its listener, on a backoff of its own, has resubscribed;
+        # a PUBLISH before that reaches no one, so emit until one arrives).
+        sio = SioClient()
+        await sio.connect(running.url, auth={"token": make_token()})
+        emitter = socketio.AsyncRedisManager(own_redis.url, write_only=True,
+                                             channel=settings.socketio_channel)
+        envelope = {"id": "0-1", "type": "threat_detected",
+                    "timestamp": "2025-01-15T10:30:00Z", "data": THREAT}
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            await emitter.emit("threat_detected", envelope, namespace="/",
+                               room="threat_detected")
+            try:
+                assert (await sio.next_event(timeout=0.5))["data"] == THREAT
+                break
+            except TimeoutError:
+                assert asyncio.get_running_loop().time() < deadline, "emits never arrived"
+        await sio.close()
+        await emitter.redis.aclose()
+
 
 async def test_host_owned_client_with_decoded_responses(redis_server: RedisServer) -> None:
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -243,3 +264,45 @@ async def test_redis_outage_loses_nothing_and_duplicates_nothing(own_redis: Redi
             await ws.close()
         for client in sio:
             await client.close()
+
+
+async def test_events_a_trailing_reader_has_not_read_back_are_neither_overtaken_nor_lost(
+        own_redis: RedisServer) -> None:
+    """An instance's stream reader trails its own publishes (by a round trip, by seconds
+    while it reconnects). If Redis dies in between, those events must still reach the
+    instance's clients ahead of what is published during the outage, and once Redis is back
+    (empty) they must be in the stream again without any instance getting one twice."""
+    settings = make_settings(redis_url=own_redis.url)
+    async with run_hub(settings) as a, run_hub(settings.replace(instance_id="b")) as b:
+        ws_a = await connected(a.ws_url, make_token())
+        ws_b = await connected(b.ws_url, make_token())
+
+        async def tick(hub: RunningHub, n: int) -> None:
+            await hub.publish("cost_threshold_alert", {"severity": "info", "message": "t",
+                                                       "n": n})
+
+        async def ticks(ws: Any, count: int) -> list[int]:
+            return [(await recv_json(ws))["data"]["n"] for _ in range(count)]
+
+        # Hold a's reader where it is: what a publishes now is in Redis, unread by a.
+        backend = a.hub.dispatcher.backend
+        backend.loops["stream"].cancel()
+        for n in range(3):
+            await tick(a, n)
+        assert await ticks(ws_b, 3) == [0, 1, 2]
+
+        own_redis.stop()
+        await tick(a, 3)  # Redis is gone: a delivers it itself, after the three before it
+        assert await ticks(ws_a, 4) == [0, 1, 2, 3]
+
+        own_redis.start()  # empty, as without persistence
+        await wait_until(lambda: backend.status()["spooled"] == 0, timeout=20,
+                         what="a's spool to be appended")
+        await wait_until(lambda: b.hub.dispatcher.backend.connected, timeout=20,
+                         what="b to reconnect")
+        await tick(b, 99)  # after 3 in the stream, and b's reader delivers both in order
+        assert await ticks(ws_b, 2) == [3, 99]  # 0-2 not again, 3 once
+        entries = own_redis.client().xrange(settings.stream_key)
+        assert [orjson.loads(f[b"e"])["data"]["n"] for _, f in entries] == [0, 1, 2, 3, 99]
+        await ws_a.close()
+        await ws_b.close()

@@ -4,7 +4,9 @@ Every event is appended to one stream (``HUB_STREAM_KEY``) with ``XADD``; the st
 the event id, so ids are unique and ordered across the deployment and the stream doubles
 as the resume history (trimmed to about ``HUB_HISTORY_SIZE``). Each instance reads the
 stream from the last id it delivered: after a Redis outage it picks up where it stopped,
-so nothing published meanwhile is lost or delivered twice.
+so nothing published meanwhile is lost or delivered twice. While Redis (or this
+instance's reader) is down, what this instance publishes is delivered to its own clients at
+once and spooled, then appended when Redis returns (see ``RedisBackend.__init__``).
 
 python-socketio's own cross-instance channel keeps working beside it: the Socket.IO
 server's client manager is an ``AsyncRedisManager``, so an external process emitting
@@ -14,6 +16,7 @@ through a write-only ``AsyncRedisManager`` reaches this instance's Socket.IO cli
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import time
@@ -23,6 +26,9 @@ from typing import Any
 
 import socketio
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from hub.backoff import Backoff
@@ -45,6 +51,28 @@ end
 return false
 """
 LEGACY_DEDUP_MS = 60_000
+
+# Appending a spooled event after an outage: under its own id if the stream has not moved
+# past it; not at all if that very entry is already there (an event this instance appended
+# before the outage, which Redis kept); else under a fresh id, naming the id it had before
+# (``k``) if it had one, so that readers which read it then skip it now. Marked with the
+# instance (``o``): its reader delivered the event locally already.
+_APPEND_SPOOLED = """
+local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[2],
+                          'e', ARGV[3], 'o', ARGV[4])
+if type(added) ~= 'table' or not added.err then
+  return added
+end
+if ARGV[5] == '1' then
+  local found = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+  if #found > 0 and found[1][2][2] == ARGV[3] then
+    return false
+  end
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                    'e', ARGV[3], 'o', ARGV[4], 'k', ARGV[2])
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[3], 'o', ARGV[4])
+"""
 
 
 def _str(value: Any) -> str:
@@ -74,9 +102,14 @@ def open_redis(url: str) -> aioredis.Redis:
         master: aioredis.Redis = sentinel.master_for(service or "mymaster")
         return master
     # Bounded timeouts: a vanished Redis must fail calls (and trigger the outage spool),
-    # not hang them; XREAD blocks for 1 s, well inside the socket timeout.
-    return aioredis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=5,
-                                   socket_timeout=15)
+    # not hang them; XREAD blocks for 1 s, well inside the socket timeout. One immediate
+    # retry on a fresh connection when a pooled one turns out closed (as after a Redis
+    # restart): without it the first command on each stale connection fails. Timeouts
+    # are not retried: the command may have run.
+    return aioredis.Redis.from_url(
+        url, health_check_interval=10, socket_connect_timeout=5, socket_timeout=15,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError])
 
 
 class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -87,8 +120,12 @@ class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ig
         self._client = client
 
     def _redis_connect(self) -> None:
+        # python-socketio calls this again after each lost connection: keep the one PubSub
+        # (it reconnects and subscribes again itself); a new one each time would strand
+        # the old one's pool connection.
         self.redis = self._client
-        self.pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        if getattr(self, "pubsub", None) is None:
+            self.pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         self.connected = True
 
     async def _listen(self) -> Any:
@@ -146,16 +183,27 @@ class RedisBackend(Backend):
         self._alive: dict[str, bool] = {"stream": False, "legacy": not legacy_channel,
                                         "spool": True}
         self._instance_id = instance_id
-        # Events published while Redis is unreachable: delivered locally at once, appended
-        # to the stream (in order) when Redis returns.
-        self._spool: deque[Event] = deque()
+        # Local delivery follows one of two paths, and they must never overtake each other:
+        # - normally the stream reader delivers every event, this instance's own included,
+        #   in stream order; ``_unread`` holds the events this instance appended that the
+        #   reader has not read back yet (usually none: it trails by a round trip);
+        # - while Redis or the reader is down, events are delivered at once and spooled,
+        #   to be appended (in order) when Redis returns. Before the first of them, the
+        #   unread ones are delivered too ("taken over"), ahead of it; the reader skips
+        #   them if Redis kept them (``_early``) and the spool appends them if it did not.
+        self._unread: deque[Event] = deque()
+        self._early: list[tuple[int, int]] = []
+        self._spool: deque[tuple[Event, bool]] = deque()  # (event, appended before)
+        self._lost_at = "0-0"  # where the reader was when it last lost Redis
         self._spool_limit = history_size
         self._spool_ready = asyncio.Event()
         self._on_spool_overflow = on_spool_overflow
         self._provisional = (0, 0)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._delivered_top = (0, 0)  # the newest id this backend delivered locally
+        self.loops: dict[str, asyncio.Task[None]] = {}  # the background loops, by name
         self._manager = HubRedisManager(client, socketio_channel)
         self._ingest = client.register_script(_INGEST_ONCE)
+        self._append_spooled = client.register_script(_APPEND_SPOOLED)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, on_event: Callable[[Event], None]) -> None:
@@ -164,16 +212,17 @@ class RedisBackend(Backend):
         newest = await self.redis.xrevrange(self._key, count=1)
         self._last_id = _str(newest[0][0]) if newest else "0-0"
         self._alive["stream"] = True
-        self._tasks.append(asyncio.create_task(self._supervise(self._read_stream, "stream")))
-        self._tasks.append(asyncio.create_task(self._supervise(self._flush_spool, "spool")))
+        loops = {"stream": self._read_stream, "spool": self._flush_spool}
         if self._legacy_channel:
-            self._tasks.append(asyncio.create_task(self._supervise(self._read_legacy, "legacy")))
+            loops["legacy"] = self._read_legacy
+        for name, loop in loops.items():
+            self.loops[name] = asyncio.create_task(self._supervise(loop, name))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in self.loops.values():
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*self.loops.values(), return_exceptions=True)
+        self.loops.clear()
         thread = getattr(self._manager, "thread", None)
         if thread is not None:
             thread.cancel()
@@ -198,30 +247,64 @@ class RedisBackend(Backend):
     # -- events -------------------------------------------------------------------------
     async def publish(self, type_: str, timestamp: str, data: dict[str, Any]) -> Event:
         event = Event(id="", type=type_, timestamp=timestamp, data=data)
-        if not self._spool:  # while anything is spooled, later events queue behind it
+        # While anything is spooled, later events queue behind it; while the reader is
+        # down, nothing would deliver an appended event here: spool it (delivered now).
+        if not self._spool and self._alive["stream"]:
             try:
                 event.id = await append(self.redis, self._key, self._maxlen, event.body())
-                return event
             except BackendUnavailable as exc:
                 log.warning("redis unavailable (%s): spooling events, delivering locally", exc)
-        return self._spool_event(event)
-
-    def _spool_event(self, event: Event) -> Event:
-        event.id = self._provisional_id()
-        if len(self._spool) >= self._spool_limit:
-            lost = self._spool.popleft()
-            self._on_spool_overflow()
-            log.error("outage spool full: event %s will not reach other instances", lost.id)
-        self._spool.append(event)
-        self._spool_ready.set()
-        if self._on_event is not None:
-            self._on_event(event)  # this instance's clients get it now
+            else:
+                self._appended(event)
+                return event
+        self._take_over_unread()
+        self._spool_event(event)
         return event
 
+    def _appended(self, event: Event) -> None:
+        """Note an event this instance appended, for its reader to deliver when it reads it
+        back (or for a take-over, should the reader be lost first)."""
+        if event.key <= id_key(self._last_id):
+            return  # the reader was quicker than the reply to XADD: delivered already
+        unread = self._unread
+        if unread and unread[-1].key > event.key:  # concurrent publishes replied out of order
+            bisect.insort(unread, event, key=lambda e: e.key)
+        else:
+            unread.append(event)
+        if not self._alive["stream"]:
+            self._take_over_unread()  # the reader was lost while this XADD was in flight
+
+    def _take_over_unread(self) -> None:
+        """Deliver here, now and in order, the events this instance appended that its reader
+        has not read back, and spool them in case Redis lost them."""
+        if not self._unread:
+            return
+        unread, self._unread = self._unread, deque()
+        for event in unread:
+            bisect.insort(self._early, event.key)
+            self._spool.append((event, True))
+            self._deliver_local(event)
+        self._spool_ready.set()
+
+    def _spool_event(self, event: Event) -> None:
+        event.id = self._provisional_id()
+        if len(self._spool) >= self._spool_limit:
+            lost, _ = self._spool.popleft()
+            self._on_spool_overflow()
+            log.error("outage spool full: event %s will not reach other instances", lost.id)
+        self._spool.append((event, False))
+        self._spool_ready.set()
+        self._deliver_local(event)  # this instance's clients get it now
+
+    def _deliver_local(self, event: Event) -> None:
+        self._delivered_top = max(self._delivered_top, event.key)
+        if self._on_event is not None:
+            self._on_event(event)
+
     def _provisional_id(self) -> str:
-        # Stream-shaped and after everything seen so far; the flusher keeps this id when
-        # Redis accepts it (always after a restart that lost the stream).
-        seen = id_key(self._last_id)
+        # Stream-shaped and after everything seen or delivered so far; the flusher keeps
+        # this id when Redis accepts it (always after a restart that lost the stream).
+        seen = max(id_key(self._last_id), self._delivered_top)
         ms = max(int(time.time() * 1000), seen[0], self._provisional[0])
         seq = self._provisional[1] + 1 if ms == self._provisional[0] else 0
         if ms == seen[0]:
@@ -233,16 +316,10 @@ class RedisBackend(Backend):
         while True:
             await self._spool_ready.wait()
             while self._spool:
-                event = self._spool[0]
-                fields = {"e": event.body(), "o": self._instance_id}
-                try:
-                    await self.redis.xadd(self._key, fields, id=event.id,
-                                          maxlen=self._maxlen, approximate=True)
-                except aioredis.ResponseError:
-                    # The stream moved past this id meanwhile (Redis kept its data and
-                    # another instance wrote first): take a fresh id.
-                    await self.redis.xadd(self._key, fields, maxlen=self._maxlen,
-                                          approximate=True)
+                event, appended_before = self._spool[0]
+                await self._append_spooled(keys=[self._key], args=[
+                    self._maxlen, event.id, event.body(), self._instance_id,
+                    "1" if appended_before else "0"])
                 self._spool.popleft()
             self._spool_ready.clear()
             log.info("outage spool flushed to redis")
@@ -306,17 +383,47 @@ class RedisBackend(Backend):
         self._alive[name] = alive
 
     async def _read_stream(self) -> None:
-        while True:
-            response = await self.redis.xread({self._key: self._last_id}, count=1000, block=1000)
-            self._alive["stream"] = True
-            for _stream, entries in response or ():
-                for entry in entries:
-                    self._last_id = _str(entry[0])
-                    if _field(entry[1], "o") == self._instance_id:
-                        continue  # spooled here during an outage: delivered locally then
-                    event = self._decode(entry)
-                    if event is not None and self._on_event is not None:
-                        self._on_event(event)
+        try:
+            while True:
+                response = await self.redis.xread({self._key: self._last_id}, count=1000,
+                                                  block=1000)
+                self._alive["stream"] = True
+                for _stream, entries in response or ():
+                    for entry in entries:
+                        self._read_entry(entry)
+        except (RedisError, OSError):
+            # Until it is back, this instance delivers what it publishes itself.
+            self._lost_at = self._last_id
+            self._take_over_unread()
+            raise
+
+    def _read_entry(self, entry: Any) -> None:
+        self._last_id = _str(entry[0])
+        key = id_key(self._last_id)
+        unread = self._unread
+        own = None  # this instance's own event: no need to decode it again
+        while unread and unread[0].key <= key:
+            own = unread.popleft()
+        fields = entry[1]
+        if self._was_delivered_early(key) or _field(fields, "o") == self._instance_id:
+            return  # delivered locally already (spooled or taken over)
+        appended_before = _field(fields, "k")
+        if appended_before is not None and id_key(appended_before) <= id_key(self._lost_at):
+            return  # appended again after Redis lost it, but read here before that
+        event = own if own is not None and own.key == key else self._decode(entry)
+        if event is not None:
+            self._deliver_local(event)
+
+    def _was_delivered_early(self, key: tuple[int, int]) -> bool:
+        early = self._early
+        if not early:
+            return False
+        passed = bisect.bisect_left(early, key)
+        found = passed < len(early) and early[passed] == key
+        # Entries before this one that the reader never met were lost with Redis's data
+        # (and appended again, under new ids, from the spool): forget them.
+        del early[:passed + found]
+        return found
 
     async def _read_legacy(self) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
