@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import platform
 import secrets
@@ -58,11 +59,13 @@ def _version(argv: list[str]) -> str:
 
 def _meta(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     pkgs: dict[str, str] = {}
-    for mod in ("socketio", "engineio", "uvicorn", "websockets", "redis"):
+    # Distribution names: python-socketio and python-engineio have no __version__, and the
+    # baseline's speed depends on their release.
+    for dist in ("python-socketio", "python-engineio", "uvicorn", "websockets", "redis"):
         try:
-            pkgs[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            pkgs[mod] = "?"
+            pkgs[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pkgs[dist] = "?"
     for npm in ("socket.io", "@socket.io/redis-adapter", "ws", "redis"):
         try:
             pkgs[f"npm:{npm}"] = json.loads(
