@@ -201,6 +201,7 @@ class RedisBackend(Backend):
         self._provisional = (0, 0)
         self._delivered_top = (0, 0)  # the newest id this backend delivered locally
         self.loops: dict[str, asyncio.Task[None]] = {}  # the background loops, by name
+        self._legacy_pubsub: Any = None  # subscribed at start, until the loop takes it
         self._manager = HubRedisManager(client, socketio_channel)
         self._ingest = client.register_script(_INGEST_ONCE)
         self._append_spooled = client.register_script(_APPEND_SPOOLED)
@@ -214,6 +215,7 @@ class RedisBackend(Backend):
         self._alive["stream"] = True
         loops = {"stream": self._read_stream, "spool": self._flush_spool}
         if self._legacy_channel:
+            self._legacy_pubsub = await self._subscribe_legacy()
             loops["legacy"] = self._read_legacy
         for name, loop in loops.items():
             self.loops[name] = asyncio.create_task(self._supervise(loop, name))
@@ -223,6 +225,9 @@ class RedisBackend(Backend):
             task.cancel()
         await asyncio.gather(*self.loops.values(), return_exceptions=True)
         self.loops.clear()
+        if self._legacy_pubsub is not None:  # its loop never got to take it
+            await self._legacy_pubsub.aclose()
+            self._legacy_pubsub = None
         thread = getattr(self._manager, "thread", None)
         if thread is not None:
             thread.cancel()
@@ -425,11 +430,23 @@ class RedisBackend(Backend):
         del early[:passed + found]
         return found
 
-    async def _read_legacy(self) -> None:
+    async def _subscribe_legacy(self) -> Any:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._legacy_channel)
-            self._alive["legacy"] = True
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        self._alive["legacy"] = True
+        return pubsub
+
+    async def _read_legacy(self) -> None:
+        # Subscribed in start() the first time (an instance is healthy once started), here
+        # again after a lost connection.
+        pubsub, self._legacy_pubsub = self._legacy_pubsub, None
+        if pubsub is None:
+            pubsub = await self._subscribe_legacy()
+        try:
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None or message.get("type") != "message":
