@@ -33,7 +33,7 @@ from hub.exceptions import BackendUnavailable, EventError
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
-from hub.transports.frames import SEND_KEY
+from hub.transports.frames import SEND_KEY, coalesced_writes
 from hub.transports.socketio import SocketIOTransport
 from hub.transports.websocket import PlainTransport
 
@@ -53,6 +53,7 @@ class Hub:
             self._backend(settings, redis), self.types, self.metrics,
             max_data_bytes=settings.max_data_bytes,
             max_subscribe_types=settings.max_subscribe_types,
+            batch=coalesced_writes,
         )
         self.websocket = PlainTransport(self)
         self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())

@@ -8,10 +8,13 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import redis.asyncio as aioredis
 import socketio
 
 from hub import Publisher
+from hub.events import Event, now_timestamp
+from hub.transports import frames
 from tests.conftest import RedisServer, RunningHub, make_settings, make_token, run_hub
 from tests.helpers import HEALTH, THREAT, connected, recv_json, send_json, wait_until
 from tests.sio_helpers import SioClient
@@ -306,3 +309,27 @@ async def test_events_a_trailing_reader_has_not_read_back_are_neither_overtaken_
         assert [orjson.loads(f[b"e"])["data"]["n"] for _, f in entries] == [0, 1, 2, 3, 99]
         await ws_a.close()
         await ws_b.close()
+
+
+async def test_events_read_together_reach_each_client_whole_and_in_order(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events one XREAD returns together go to each client in joined writes (flushed in
+    pieces past a limit, here a small one): none lost or reordered, on both transports."""
+    monkeypatch.setattr(frames._Batch, "LIMIT", 7)
+    settings = make_settings(redis_url=redis_server.url)
+    async with run_hub(settings) as running:
+        ws = await connected(running.ws_url, make_token())
+        sio = SioClient()
+        await sio.connect(running.url, auth={"token": make_token()})
+        client = aioredis.Redis.from_url(redis_server.url)
+        pipe = client.pipeline(transaction=True)  # appended at once: read in one XREAD
+        for n in range(200):
+            event = Event(id="", type="cost_threshold_alert", timestamp=now_timestamp(),
+                          data={"severity": "info", "message": "t", "n": n})
+            pipe.xadd(settings.stream_key, {"e": event.body()})
+        await pipe.execute()
+        assert [(await recv_json(ws))["data"]["n"] for _ in range(200)] == list(range(200))
+        assert [(await sio.next_event())["data"]["n"] for _ in range(200)] == list(range(200))
+        await client.aclose()
+        await ws.close()
+        await sio.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,10 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    async def start(self, on_event: Callable[[Event], None]) -> None:
-        """Connect and start delivering every event of the deployment to ``on_event``."""
+    async def start(self, on_event: Callable[[Event], None],
+                    batch: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
+        """Connect and start delivering every event of the deployment to ``on_event``;
+        events received together are delivered inside one ``batch()`` block."""
 
     @abc.abstractmethod
     async def stop(self) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,8 +40,10 @@ class ResumeResult:
 
 class Dispatcher:
     def __init__(self, backend: Backend, types: EventTypes, metrics: Metrics, *,
-                 max_data_bytes: int, max_subscribe_types: int) -> None:
+                 max_data_bytes: int, max_subscribe_types: int,
+                 batch: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self.backend = backend
+        self._batch = batch  # entered around events delivered together (see Backend.start)
         self.types = types
         self.metrics = metrics
         self._max_data_bytes = max_data_bytes
@@ -50,7 +53,7 @@ class Dispatcher:
         self._last_delivered: tuple[int, int] = (0, 0)
 
     async def start(self) -> None:
-        await self.backend.start(self._deliver)
+        await self.backend.start(self._deliver, self._batch)
 
     async def stop(self) -> None:
         await self.backend.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import socketio
@@ -29,8 +30,9 @@ class MemoryBackend(Backend):
         self._evicted: tuple[int, int] | None = None
         self._manager = MemoryManager()
 
-    async def start(self, on_event: Callable[[Event], None]) -> None:
-        self._on_event = on_event
+    async def start(self, on_event: Callable[[Event], None],
+                    batch: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
+        self._on_event = on_event  # one event per publish: nothing to batch
 
     async def stop(self) -> None:
         self._on_event = None

@@ -22,6 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import socketio
@@ -177,6 +178,7 @@ class RedisBackend(Backend):
         self._on_reconnect = on_reconnect
         self._on_legacy = on_legacy
         self._on_event: Callable[[Event], None] | None = None
+        self._batch: Callable[[], AbstractContextManager[None]] = nullcontext
         self._last_id = "0-0"
         # Liveness of each background loop; `connected` is the stream reader and legacy
         # subscriber being up (the spool flusher is idle while Redis is fine).
@@ -207,8 +209,10 @@ class RedisBackend(Backend):
         self._append_spooled = client.register_script(_APPEND_SPOOLED)
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def start(self, on_event: Callable[[Event], None]) -> None:
+    async def start(self, on_event: Callable[[Event], None],
+                    batch: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self._on_event = on_event
+        self._batch = batch
         # Start reading after the newest event that exists now: older ones are history.
         newest = await self.redis.xrevrange(self._key, count=1)
         self._last_id = _str(newest[0][0]) if newest else "0-0"
@@ -394,8 +398,10 @@ class RedisBackend(Backend):
                                                   block=1000)
                 self._alive["stream"] = True
                 for _stream, entries in response or ():
-                    for entry in entries:
-                        self._read_entry(entry)
+                    # Several events read at once: one write per client for all of them.
+                    with self._batch() if len(entries) > 1 else nullcontext():
+                        for entry in entries:
+                            self._read_entry(entry)
         except (RedisError, OSError):
             # Until it is back, this instance delivers what it publishes itself.
             self._lost_at = self._last_id

@@ -14,9 +14,10 @@ interleave safely with the protocol's own pings and close frames.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 SEND_KEY = "hub.raw_send"  # where HubApp leaves the server's own send callable in the scope
@@ -52,7 +53,14 @@ class FrameSink:
         return bool(self._transport.is_closing() or self._protocol.close_sent)
 
     def write(self, frame: bytes) -> None:
-        self._transport.write(frame)
+        if _batch is None:
+            self._transport.write(frame)
+        else:
+            _batch.add(self, frame)
+
+    def _write_many(self, frames: list[bytes]) -> None:
+        if not self.closed:
+            self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def wait_ready(self) -> None:
         # uvicorn sets `writable` again when the transport drains or the connection is lost.
@@ -84,3 +92,51 @@ def frame_sink(scope: Mapping[str, Any]) -> FrameSink | None:
     if getattr(protocol.config, "ws_per_message_deflate", False):
         return None  # keep what was negotiated exact: compressed connections use ASGI
     return FrameSink(protocol)
+
+
+class _Batch:
+    """Frames written inside :func:`coalesced_writes`, per sink, in order."""
+
+    # Enough to make a burst cheap, few enough to bound the memory held (~300 bytes each)
+    # and the delay of the first frames (about a microsecond of fan-out per frame).
+    LIMIT = 20_000
+
+    def __init__(self) -> None:
+        self.frames: dict[FrameSink, list[bytes]] = {}
+        self.count = 0
+
+    def add(self, sink: FrameSink, frame: bytes) -> None:
+        queued = self.frames.get(sink)
+        if queued is None:
+            self.frames[sink] = [frame]
+        else:
+            queued.append(frame)
+        self.count += 1
+        if self.count >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        frames, self.frames, self.count = self.frames, {}, 0
+        for sink, queued in frames.items():
+            sink._write_many(queued)
+
+
+_batch: _Batch | None = None
+
+
+@contextlib.contextmanager
+def coalesced_writes() -> Iterator[None]:
+    """Within this block (which must not await), frames written to each connection are
+    joined and go out in one ``transport.write`` at its end: a batch of events read
+    together costs each client one system call instead of one per event. Order per
+    connection is kept; nothing else writes to a transport while no task switch happens."""
+    global _batch
+    if _batch is not None:  # nested: the outer block flushes
+        yield
+        return
+    _batch = batch = _Batch()
+    try:
+        yield
+    finally:
+        _batch = None
+        batch.flush()
