@@ -291,19 +291,20 @@ class RedisBackend(Backend):
         unread, self._unread = self._unread, deque()
         for event in unread:
             bisect.insort(self._early, event.key)
-            self._spool.append((event, True))
-            self._deliver_local(event)
-        self._spool_ready.set()
+            self._spool_event(event, appended_before=True)
 
-    def _spool_event(self, event: Event) -> None:
-        event.id = self._provisional_id()
+    def _spool_event(self, event: Event, appended_before: bool = False) -> None:
+        """Deliver ``event`` to this instance's clients now and queue it for the stream.
+        An event that was never appended gets a provisional id here."""
+        if not appended_before:
+            event.id = self._provisional_id()
         if len(self._spool) >= self._spool_limit:
             lost, _ = self._spool.popleft()
             self._on_spool_overflow()
             log.error("outage spool full: event %s will not reach other instances", lost.id)
-        self._spool.append((event, False))
+        self._spool.append((event, appended_before))
         self._spool_ready.set()
-        self._deliver_local(event)  # this instance's clients get it now
+        self._deliver_local(event)
 
     def _deliver_local(self, event: Event) -> None:
         self._delivered_top = max(self._delivered_top, event.key)
