@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,18 +45,24 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime+stime of the given process trees, in seconds (all threads included)."""
-    total = 0
+def _proc_files(pids: Sequence[int], name: str) -> Iterator[str]:
+    """/proc/<pid>/<name> of every process in the given trees (gone ones skipped)."""
     for root in pids:
         for p in tree(root):
             try:
-                with open(f"/proc/{p}/stat") as f:
-                    stat = f.read()
+                with open(f"/proc/{p}/{name}") as f:
+                    text = f.read()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            yield text
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime+stime of the given process trees, in seconds (all threads included)."""
+    total = 0
+    for stat in _proc_files(pids, "stat"):
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
     return total / CLK_TCK
 
 
@@ -69,15 +75,7 @@ def machine_busy_seconds() -> float:
 
 
 def rss_bytes(pids: Sequence[int]) -> int:
-    total = 0
-    for root in pids:
-        for p in tree(root):
-            try:
-                with open(f"/proc/{p}/statm") as f:
-                    total += int(f.read().split()[1]) * PAGE
-            except OSError:
-                continue
-    return total
+    return sum(int(statm.split()[1]) * PAGE for statm in _proc_files(pids, "statm"))
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

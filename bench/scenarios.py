@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,37 +252,38 @@ async def _with_servers(target: Target, env: Env, n: int, tag: str, fn: Any) -> 
             s.stop()
 
 
+async def _fan_out(
+    target: Target,
+    env: Env,
+    sizes: Sizes,
+    tag: str,
+    instances: int,
+    clients: int,
+    events: int,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    """One delivery scenario: ``instances`` servers, ``clients`` split over them."""
+    def run(servers: list[Proc]) -> Awaitable[dict[str, Any]]:
+        return _deliver(target, env, servers, clients, events, rate, sizes)
+
+    return await _with_servers(target, env, instances, tag, run)
+
+
 async def burst(target: Target, env: Env, sizes: Sizes) -> dict[str, Any]:
-    return await _with_servers(
-        target,
-        env,
-        1,
-        "burst",
-        lambda s: _deliver(target, env, s, sizes.burst_clients, sizes.burst_events, None, sizes),
-    )
+    return await _fan_out(target, env, sizes, "burst", 1, sizes.burst_clients, sizes.burst_events)
 
 
 async def steady(target: Target, env: Env, sizes: Sizes) -> dict[str, Any]:
     events = max(1, round(sizes.steady_rate * sizes.steady_seconds))
-    r = await _with_servers(
-        target,
-        env,
-        1,
-        "steady",
-        lambda s: _deliver(target, env, s, sizes.steady_clients, events, sizes.steady_rate, sizes),
+    r = await _fan_out(
+        target, env, sizes, "steady", 1, sizes.steady_clients, events, sizes.steady_rate
     )
     r["rate_events_per_s"] = sizes.steady_rate
     return r
 
 
 async def cross(target: Target, env: Env, sizes: Sizes) -> dict[str, Any]:
-    return await _with_servers(
-        target,
-        env,
-        2,
-        "cross",
-        lambda s: _deliver(target, env, s, sizes.cross_clients, sizes.cross_events, None, sizes),
-    )
+    return await _fan_out(target, env, sizes, "cross", 2, sizes.cross_clients, sizes.cross_events)
 
 
 async def _capacity_one(
