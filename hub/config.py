@@ -61,6 +61,17 @@ class Settings:
     max_connections_per_user: int = 100
     shutdown_timeout_s: float = 10.0
     json_logs: bool = False
+    # Engine.IO keepalive (python-engineio's defaults); clients learn them in the handshake.
+    ping_interval_s: float = 25.0
+    ping_timeout_s: float = 20.0
+    # Engine.IO sessions that have not connected the Socket.IO namespace (authenticated)
+    # yet: how many at once, how many per client address, and for how long.
+    socketio_unbound_limit: int = 4096
+    socketio_unbound_per_address: int = 1024
+    socketio_connect_timeout_s: float = 10.0
+    # A Socket.IO transport being closed (slow consumer, expiry, ping timeout) is aborted
+    # after this long if its peer does not read the close.
+    close_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -145,6 +156,11 @@ class Settings:
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
                      "max_connections_per_user"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be a positive number")
+        for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",
+                     "socketio_unbound_per_address", "socketio_connect_timeout_s",
+                     "close_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:

@@ -52,6 +52,11 @@ class Metrics:
             "hub_publish_to_send_seconds",
             "From the event's timestamp to its hand-off to the local outboxes",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.frame_path = Counter(
+            "hub_frame_path_connections",
+            "Connections by how events reach their transport: direct (pre-encoded frames "
+            "written to uvicorn's transport) or asgi (ASGI sends / engine.io's queue only)",
+            ["transport", "path"], registry=r)
         for transport in ("websocket", "socketio"):
             # Export zeros from the start, so dashboards show 0 rather than "no data".
             self.connections.labels(transport)

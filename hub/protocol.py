@@ -20,6 +20,7 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001  # server shutting down: reconnect elsewhere and resume
     POLICY_VIOLATION = 1008  # message flood
     MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011  # a send to the connection failed inside the server
     TRY_AGAIN_LATER = 1013  # connection limit reached
     UNAUTHORIZED = 4003  # missing/invalid/expired token, or a foreign browser Origin
     SLOW_CONSUMER = 4008

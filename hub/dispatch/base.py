@@ -138,6 +138,9 @@ class Subscriber(abc.ABC):
     def rooms_changed(self, joined: set[str], left: set[str]) -> None:  # noqa: B027 - optional hook
         """Hook for transports that mirror the rooms elsewhere (python-socketio's manager)."""
 
+    def close_after_error(self) -> None:  # noqa: B027 - optional hook
+        """A send to this connection raised: close it (the dispatcher dropped it already)."""
+
     def mark_closed(self) -> None:
         self.state = SubscriberState.CLOSED
         self._held = []

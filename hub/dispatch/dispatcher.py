@@ -97,6 +97,9 @@ class Dispatcher:
         return True
 
     def _deliver(self, event: Event) -> None:
+        """Hand ``event`` to this instance's recipients. Never raises: the backend calls it
+        after the event was accepted (inside ``publish`` for the memory backend, in the
+        stream reader for Redis), and neither may fail because of one recipient."""
         self._last_delivered = event.key
         if self._waiters:
             self._wake_waiters(event)
@@ -109,10 +112,27 @@ class Dispatcher:
         # never lets one slow client hold up the others.
         for sub in tuple(members):
             if tenant is None or sub.principal.may_see(tenant):
-                sub.push(event)
+                try:
+                    sub.push(event)
+                except Exception:
+                    self._send_failed(sub, event)
+                    continue
                 sent += 1
         self.metrics.delivered.labels(event.type).inc(sent)
         self._observe_latency(event)
+
+    def _send_failed(self, sub: Subscriber, event: Event) -> None:
+        """One recipient's send raised: count it, log it (once: the connection leaves every
+        room now, so it is never sent to again), close it; the others are unaffected."""
+        self.metrics.dropped.labels("send_error").inc()
+        log.exception("sending event %s to a %s connection of user %s failed; closing it",
+                      event.id, sub.transport, sub.principal.user_id)
+        self.remove(sub)
+        try:
+            sub.close_after_error()
+        except Exception:
+            log.exception("closing the %s connection after a failed send failed too",
+                          sub.transport)
 
     def _wake_waiters(self, event: Event) -> None:
         key = event.key

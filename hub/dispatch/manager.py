@@ -4,28 +4,51 @@ python-socketio's ``AsyncManager.emit`` encodes a packet once but then starts on
 recipient and awaits them all; with thousands of sockets that is most of the cost of a
 broadcast. Here an emit without callback puts the one encoded Engine.IO packet straight
 into each socket's send queue (the queue its single writer drains), without awaiting.
+
+Emits that carry ``data.tenant_id`` (from hub's code or from an external python-socketio
+process through a write-only ``AsyncRedisManager``) reach only the sockets whose
+principal may see that tenant, as hub's own events do. The server answers that question
+with ``server.may_see(sid, tenant)``; emits with a callback or binary data, which take
+python-socketio's own per-recipient path, are refused when they carry a tenant.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
+from hub._compat import engineio as eio_compat
+
+log = logging.getLogger("hub.socketio")
+
 
 def queue_eio_packet(server: Any, eio_sid: str, pkt: eio_packet.Packet) -> int | None:
-    """Queue ``pkt`` on the Engine.IO socket; return its queue length, or None if it is gone."""
-    sock = server.eio.sockets.get(eio_sid)
-    if sock is None or sock.closed or sock.closing:
-        return None
-    if sock.upgrading:
-        # During the polling→websocket upgrade engine.io parks packets in a backlog that it
-        # flushes onto the queue once the upgrade completes.
-        sock.packet_backlog.append(pkt)
-        return len(sock.packet_backlog)
-    sock.queue.put_nowait(pkt)
-    return int(sock.queue.qsize())
+    """Queue ``pkt`` on the Engine.IO socket; return its queue length, or None if it is gone.
+    Mid-upgrade too: the queue is drained in order by whichever transport carries it."""
+    return eio_compat.queue_packet(server.eio, eio_sid, pkt)
+
+
+def emit_tenant(data: Any) -> str | None:
+    """The tenant an emit's payload belongs to (``tenant_id`` of its first argument)."""
+    first = data[0] if isinstance(data, tuple | list) and data else data
+    if isinstance(first, dict):
+        tenant = first.get("tenant_id")
+        if tenant is not None:
+            return str(tenant)
+    return None
+
+
+def refuse_tenant_emit(event: Any, data: Any) -> bool:
+    """Whether an emit on python-socketio's own path must be dropped: it cannot be
+    filtered per recipient, so one that carries a tenant is refused (and logged)."""
+    if emit_tenant(data) is None:
+        return False
+    log.warning("dropped Socket.IO emit %r with a tenant_id and a callback or binary data: "
+                "tenant-scoped emits must be plain JSON without acks", event)
+    return True
 
 
 class FastEmitMixin:
@@ -47,6 +70,8 @@ class FastEmitMixin:
         if callback is not None or kwargs:
             # Acks need a packet per recipient and pub/sub managers use kwargs to route:
             # python-socketio's own path handles both.
+            if callback is not None and refuse_tenant_emit(event, data):
+                return
             await super().emit(  # type: ignore[misc]
                 event, data, namespace, room=room, skip_sid=skip_sid, callback=callback,
                 to=to, **kwargs,
@@ -68,12 +93,16 @@ def local_emit(manager: Any, event: str, data: Any, namespace: str, room: Any,
         args = []
     skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
     server = manager.server
+    tenant = emit_tenant(data)
+    may_see = getattr(server, "may_see", None)
     pkt = server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args])
     encoded = pkt.encode()
     parts = encoded if isinstance(encoded, list) else [encoded]
     eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in parts]
     for sid, eio_sid in manager.get_participants(namespace, room):
         if sid in skip:
+            continue
+        if tenant is not None and (may_see is None or not may_see(sid, tenant)):
             continue
         for p in eio_pkts:
             queue_eio_packet(server, eio_sid, p)

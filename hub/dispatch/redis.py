@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from hub.backoff import Backoff
 from hub.dispatch.base import Backend, History
-from hub.dispatch.manager import ConnectHookMixin, local_emit
+from hub.dispatch.manager import ConnectHookMixin, local_emit, refuse_tenant_emit
 from hub.events import Event, id_key
 from hub.exceptions import BackendUnavailable
 
@@ -137,7 +137,8 @@ class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ig
 
     async def _handle_emit(self, message: dict[str, Any]) -> None:
         if message.get("callback") is not None or message.get("binary"):
-            await super()._handle_emit(message)
+            if not refuse_tenant_emit(message.get("event"), message.get("data")):
+                await super()._handle_emit(message)
             return
         data = message["data"]
         if isinstance(data, list):

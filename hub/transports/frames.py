@@ -6,9 +6,10 @@ Going through ASGI instead costs a task wake-up, Starlette's and uvicorn's send 
 frame encoding per recipient — most of a broadcast's CPU.
 
 This reaches into uvicorn's ``websockets-sansio`` protocol (the one ``hub serve``
-configures), found from the raw ASGI ``send`` callable. Under any other server or
-protocol, or behind middleware that wraps ``send``, :func:`frame_sink` returns None and
-the connection uses plain ASGI sends. Whole frames only ever go onto the transport, so they
+configures), found from the raw ASGI ``send`` callable, through :mod:`hub._compat.uvicorn`
+(whose assumptions tests/test_compat.py asserts). Under any other server or protocol, or
+behind middleware that wraps ``send``, :func:`frame_sink` returns None and the connection
+uses plain ASGI sends. Whole frames only ever go onto the transport, so they
 interleave safely with the protocol's own pings and close frames.
 """
 
@@ -19,6 +20,8 @@ import struct
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from hub._compat import uvicorn as uvicorn_compat
 
 SEND_KEY = "hub.raw_send"  # where HubApp leaves the server's own send callable in the scope
 
@@ -46,11 +49,20 @@ class FrameSink:
 
     def ready(self) -> bool:
         """True when a frame written now goes out without queueing behind backpressure."""
-        return bool(self._protocol.writable.is_set()) and not self.closed
+        return uvicorn_compat.is_writable(self._protocol) and not self.closed
 
     @property
     def closed(self) -> bool:
-        return bool(self._transport.is_closing() or self._protocol.close_sent)
+        return uvicorn_compat.is_closed(self._protocol)
+
+    @property
+    def gone(self) -> bool:
+        """The TCP connection has ended and its descriptor is released."""
+        return uvicorn_compat.is_gone(self._protocol)
+
+    def abort(self) -> None:
+        """Drop the connection now, unread data and all (a peer that stopped reading)."""
+        uvicorn_compat.abort(self._protocol)
 
     def write(self, frame: bytes) -> None:
         if _batch is None:
@@ -83,15 +95,8 @@ async def write_queued(sink: FrameSink, outbox: deque[Any]) -> None:
 
 
 def frame_sink(scope: Mapping[str, Any]) -> FrameSink | None:
-    send = scope.get(SEND_KEY)
-    protocol: Any = getattr(send, "__self__", None)
-    if protocol is None or type(protocol).__name__ != "WebSocketsSansIOProtocol":
-        return None
-    if not all(hasattr(protocol, name) for name in ("transport", "writable", "close_sent")):
-        return None  # a uvicorn release that changed its internals: use ASGI
-    if getattr(protocol.config, "ws_per_message_deflate", False):
-        return None  # keep what was negotiated exact: compressed connections use ASGI
-    return FrameSink(protocol)
+    protocol = uvicorn_compat.sansio_protocol(scope.get(SEND_KEY))
+    return FrameSink(protocol) if protocol is not None else None
 
 
 class _Batch:

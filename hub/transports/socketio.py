@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -20,11 +20,13 @@ import orjson
 import socketio
 from engineio import packet as eio_packet
 
+from hub._compat import engineio as eio_compat
 from hub.auth import AuthError, Principal, token_from_headers
 from hub.dispatch.base import Subscriber
 from hub.dispatch.manager import queue_eio_packet
 from hub.events import Event
 from hub.exceptions import ProtocolError
+from hub.limits import TokenBucket
 from hub.transports.frames import FrameSink, frame_sink, text_frame, write_queued
 
 if TYPE_CHECKING:
@@ -32,6 +34,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hub.socketio")
 NAMESPACE = "/"
+SINK_KEY = "hub.sink"  # the FrameSink of a WebSocket request, left in its ASGI scope
+UNSUPPORTED_VERSION = (
+    "unsupported Engine.IO protocol version: hub speaks Engine.IO 4, i.e. socket.io-client "
+    "3.x and 4.x (python-socketio 5.x); socket.io-client 2.x (EIO=3) is not supported")
+UNSUPPORTED_VERSION_REASON = (  # a close reason holds at most 123 bytes
+    "unsupported Engine.IO version: use socket.io-client 3.x or 4.x (EIO=4); 2.x (EIO=3) "
+    "is not supported")
 
 
 class SocketIOConnection(Subscriber):
@@ -122,13 +131,14 @@ class SocketIOConnection(Subscriber):
         if self._sink is not None or self.kicked:
             return
         self._sink = sink
+        self._transport.hub.metrics.frame_path.labels(self.transport, "direct").inc()
         self._writer = asyncio.get_running_loop().create_task(self._switch_over(sink))
 
     async def _switch_over(self, sink: FrameSink) -> None:
-        sock = self._server.eio.sockets.get(self.eio_sid)
+        sock = eio_compat.socket(self._server.eio, self.eio_sid)
         if sock is not None:
             # engine.io's writer first: what it queued before us must go out before us.
-            await sock.queue.join()
+            await eio_compat.sent_everything(sock)
         await sink.wait_ready()
         # engine.io's writer, if it was waiting for the transport too, woke before us;
         # one turn of the loop lets it finish the frames it was holding.
@@ -151,6 +161,14 @@ class SocketIOConnection(Subscriber):
     def queued(self) -> int:
         return len(self._outbox) if self._outbox is not None else 0
 
+    @property
+    def sink(self) -> FrameSink | None:
+        return self._sink
+
+    def close_after_error(self) -> None:
+        """A send to it failed (see Dispatcher._deliver): close it."""
+        self._transport.kick_failed(self)
+
     def stop_writer(self) -> None:
         if self._outbox is not None:
             self._outbox.clear()
@@ -167,17 +185,44 @@ class SocketIOConnection(Subscriber):
 
 
 class _Server(socketio.AsyncServer):  # type: ignore[misc]
+    """python-socketio's server with hub's hooks on the Engine.IO events it handles
+    (the overridden methods' signatures are asserted by tests/test_compat.py)."""
+
+    hub_transport: SocketIOTransport
+
+    def may_see(self, sid: str, tenant: str) -> bool:
+        """For hub's emit (hub.dispatch.manager): may socket ``sid`` see ``tenant``?"""
+        conn = self.hub_transport.connections.get(sid)
+        return conn is not None and conn.principal.may_see(tenant)
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:
+        await super()._handle_eio_connect(eio_sid, environ)
+        self.hub_transport.session_opened(eio_sid, environ)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if not self.hub_transport.allow_message(eio_sid):
+            return
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except ValueError:
+            # Not a Socket.IO packet (or one out of place): no traceback per packet, the
+            # session ends; well-behaved clients never send one.
+            log.info("closing an Engine.IO session that sent a malformed Socket.IO packet")
+            self.hub_transport.close_session(eio_sid)
+
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         await super()._handle_eio_disconnect(eio_sid, reason)
-        sock = self.eio.sockets.get(eio_sid)
-        if (sock is not None and not sock.upgraded
+        self.hub_transport.session_closed(eio_sid)
+        sock = eio_compat.socket(self.eio, eio_sid)
+        if (sock is not None and not eio_compat.on_websocket(self.eio, eio_sid)
                 and reason == self.eio.reason.CLIENT_DISCONNECT):
-            # A client that leaves over long-polling may leave a GET waiting on its queue
-            # (engine.io does not wake it), holding its disconnect and the server's
-            # shutdown for up to a ping interval: wake it with the end marker. Only then:
-            # on a WebSocket, or when the server closes (CLOSE still queued), the marker
-            # would end the writer before the CLOSE packet goes out.
-            sock.queue.put_nowait(None)
+            # A client that leaves over long-polling (CLOSE sent by POST) may leave a GET
+            # waiting on the queue (engine.io does not wake it), holding its disconnect
+            # and the server's shutdown for up to a ping interval: answer it with a NOOP
+            # (``6``), as engine.io answers a poll it will not fill. Only then: on a
+            # WebSocket, or when the server closes (CLOSE still queued), it would not be
+            # the last packet.
+            eio_compat.end_poll(sock)
 
 
 class SocketIOTransport:
@@ -194,37 +239,200 @@ class SocketIOTransport:
             client_manager=manager,
             cors_allowed_origins=origins,
             max_http_buffer_size=settings.max_message_bytes,
+            ping_interval=settings.ping_interval_s,
+            ping_timeout=settings.ping_timeout_s,
             logger=False,
             engineio_logger=False,
         )
+        self.sio.hub_transport = self
         manager.on_connected = self._activate
         self.connections: dict[str, SocketIOConnection] = {}
+        self._by_eio: dict[str, SocketIOConnection] = {}
+        # Engine.IO sessions without a connected (authenticated) namespace yet: their
+        # client address and the timer that ends them.
+        self._unbound: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        self._unbound_by_address: Counter[str] = Counter()
+        self._buckets: dict[str, TokenBucket] = {}
         self._pending: dict[str, tuple[Principal, list[str] | None, Any]] = {}
         self.sio.on("connect", self._connect)
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("subscribe", self._subscribe)
         self.sio.on("unsubscribe", self._unsubscribe)
         self._engineio_app = socketio.ASGIApp(self.sio, socketio_path=None)
-        self._upgrade_sinks: dict[str, FrameSink] = {}
+        # The WebSocket carrying each Engine.IO session that engine.io accepted on one
+        # (from the start, or once an upgrade's UPGRADE packet arrived), for direct frame
+        # writes and for aborting a close the peer does not read. Entries live exactly as
+        # long as that WebSocket request.
+        self._ws_sinks: dict[str, FrameSink] = {}
+        self._sink_sid: dict[FrameSink, str] = {}
 
+    # -- the ASGI entry point -----------------------------------------------------------
     async def asgi_app(self, scope: Any, receive: Any, send: Any) -> None:
-        """python-socketio's ASGI app, noting the WebSocket of each polling→websocket
-        upgrade (its request carries the Engine.IO ``sid``) for direct frame writes."""
-        if scope["type"] == "websocket":
-            sid = parse_qs(scope.get("query_string", b"").decode()).get("sid")
-            sink = frame_sink(scope) if sid else None
-            if sid and sink is not None:
-                self._upgrade_sinks[sid[0]] = sink
-        await self._engineio_app(scope, receive, send)
+        """python-socketio's ASGI app behind hub's checks: protocol version, the caps on
+        sessions not yet authenticated, the polling body size; and the bookkeeping of the
+        WebSocket each session is carried by."""
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self._engineio_app(scope, receive, send)
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        sid = query.get("sid", [None])[0]
+        if sid is None:
+            if query.get("EIO") != ["4"]:
+                await _refuse(scope, send, 400, 1008, "unsupported_protocol",
+                              UNSUPPORTED_VERSION if kind == "http"
+                              else UNSUPPORTED_VERSION_REASON)
+                return
+            refusal = self._admit(_address(scope))
+            if refusal is not None:
+                await _refuse(scope, send, 503, 1013, "too_many_sessions", refusal)
+                return
+        elif kind == "http" and scope.get("method") == "POST":
+            length = _content_length(scope)
+            if length is not None and length > self.settings.max_message_bytes:
+                # engine.io would disconnect the session and never answer the request.
+                await _refuse(scope, send, 413, 1009, "payload_too_large",
+                              f"a polling request body may hold at most "
+                              f"{self.settings.max_message_bytes} bytes")
+                self.close_session(sid)
+                return
+        if kind != "websocket":
+            await self._engineio_app(scope, receive, send)
+            return
+        sink = frame_sink(scope)
+        if sink is None:
+            await self._engineio_app(scope, receive, send)
+            return
+        scope[SINK_KEY] = sink
+        if sid is not None:
+            receive = self._watch_upgrade(sid, sink, receive)
+        try:
+            await self._engineio_app(scope, receive, send)
+        finally:
+            owner = self._sink_sid.pop(sink, None)
+            if owner is not None and self._ws_sinks.get(owner) is sink:
+                del self._ws_sinks[owner]
+
+    def _watch_upgrade(self, sid: str, sink: FrameSink, receive: Any) -> Any:
+        """``receive`` for an upgrade's WebSocket: when the client's UPGRADE packet (``5``)
+        arrives for a session that engine.io is upgrading on this request, and no other
+        WebSocket carries it, this one becomes its carrier. Nothing is kept for a request
+        with an unknown, foreign or already upgraded sid."""
+        async def watched() -> Any:
+            message = await receive()
+            if (message.get("type") == "websocket.receive" and message.get("text") == "5"
+                    and sink not in self._sink_sid):
+                sock = eio_compat.socket(self.sio.eio, sid)
+                if (sock is not None and eio_compat.upgrade_in_progress(sock)
+                        and sid not in self._ws_sinks):
+                    self._carry(sid, sink)
+            return message
+        return watched
+
+    def _carry(self, eio_sid: str, sink: FrameSink) -> None:
+        self._ws_sinks[eio_sid] = sink
+        self._sink_sid[sink] = eio_sid
 
     def sink_for(self, eio_sid: str) -> FrameSink | None:
-        """The WebSocket a polling socket was upgraded to, once the upgrade is done."""
-        if eio_sid not in self._upgrade_sinks:
+        """The WebSocket carrying this session, once engine.io serves it there (at once for
+        a WebSocket from the start, after the UPGRADE packet for an upgrade)."""
+        sink = self._ws_sinks.get(eio_sid)
+        if sink is None:
             return None
-        sock = self.sio.eio.sockets.get(eio_sid)
-        if sock is None or not sock.upgraded or sock.upgrading:
+        sock = eio_compat.socket(self.sio.eio, eio_sid)
+        if sock is None or eio_compat.upgrade_in_progress(sock) \
+                or not eio_compat.on_websocket(self.sio.eio, eio_sid):
             return None
-        return self._upgrade_sinks.pop(eio_sid)
+        return sink
+
+    # -- Engine.IO sessions -------------------------------------------------------------
+    @property
+    def settings(self) -> Any:
+        return self.hub.settings
+
+    def _admit(self, address: str) -> str | None:
+        """Whether a new Engine.IO session may open; the reason if not."""
+        settings = self.settings
+        if len(self._unbound) >= settings.socketio_unbound_limit:
+            return "too many Socket.IO sessions waiting to authenticate; retry later"
+        if self._unbound_by_address[address] >= settings.socketio_unbound_per_address:
+            return "too many Socket.IO sessions from this address waiting to authenticate"
+        if len(self._unbound) + self.hub.limits.total >= settings.max_connections:
+            return "instance connection limit reached"
+        return None
+
+    def session_opened(self, eio_sid: str, environ: dict[str, Any]) -> None:
+        """engine.io opened a session: it counts as unauthenticated until its namespace
+        connects, and ends after HUB_SOCKETIO_CONNECT_TIMEOUT_S if it never does."""
+        scope = environ.get("asgi.scope") or {}
+        address = _address(scope)
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.socketio_connect_timeout_s, self._connect_timed_out, eio_sid)
+        self._unbound[eio_sid] = (address, timer)
+        self._unbound_by_address[address] += 1
+        sink = scope.get(SINK_KEY)
+        if isinstance(sink, FrameSink):  # a WebSocket from the start
+            self._carry(eio_sid, sink)
+
+    def _bound(self, eio_sid: str) -> None:
+        entry = self._unbound.pop(eio_sid, None)
+        if entry is None:
+            return
+        address, timer = entry
+        timer.cancel()
+        self._unbound_by_address[address] -= 1
+        if self._unbound_by_address[address] <= 0:
+            del self._unbound_by_address[address]
+
+    def _connect_timed_out(self, eio_sid: str) -> None:
+        if eio_sid in self._unbound:
+            log.info("closing an Engine.IO session that did not connect in %.0f s",
+                     self.settings.socketio_connect_timeout_s)
+            self._bound(eio_sid)
+            self.close_session(eio_sid)
+
+    def session_closed(self, eio_sid: str) -> None:
+        self._bound(eio_sid)
+        self._buckets.pop(eio_sid, None)
+        self._abort_later(eio_sid)
+
+    def allow_message(self, eio_sid: str) -> bool:
+        """The client message rate limit (HUB_CLIENT_RATE, HUB_CLIENT_BURST), as on
+        ``/ws/events``: a session that exceeds it is closed."""
+        bucket = self._buckets.get(eio_sid)
+        if bucket is None:
+            bucket = self._buckets[eio_sid] = TokenBucket(self.settings.client_rate,
+                                                          self.settings.client_burst)
+        if bucket.take():
+            return True
+        conn = self._by_eio.get(eio_sid)
+        if conn is not None:
+            if not conn.kicked:
+                log.warning("disconnecting Socket.IO client %s (user %s): message rate limit "
+                            "exceeded", conn.sid, conn.principal.user_id)
+                conn.emit_now("error", {"code": "rate_limited",
+                                        "message": "message rate limit exceeded"})
+                self._kick(conn)
+        else:
+            self.close_session(eio_sid)
+        return False
+
+    def close_session(self, eio_sid: str) -> None:
+        """End an Engine.IO session now (and abort its WebSocket if the peer does not
+        read the close)."""
+        asyncio.get_running_loop().create_task(self._close_transport(eio_sid))
+
+    def _abort_later(self, eio_sid: str) -> None:
+        """A closing WebSocket whose peer stopped reading would hold its descriptor for
+        ever (the close frame waits behind unread data): abort it after the close
+        timeout."""
+        sink = self._ws_sinks.get(eio_sid)
+        conn = self._by_eio.get(eio_sid)
+        if sink is None and conn is not None:
+            sink = conn.sink
+        if sink is not None and not sink.gone:
+            asyncio.get_running_loop().call_later(self.settings.close_timeout_s,
+                                                  _abort_if_open, sink)
 
     # -- connection lifecycle -----------------------------------------------------------
     async def _connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
@@ -259,12 +467,11 @@ class SocketIOTransport:
             return
         principal, types, last_event_id = pending
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        self._bound(eio_sid)
         conn = SocketIOConnection(self, sid, eio_sid, principal)
-        environ = self.sio.environ.get(eio_sid) or {}
-        sink = frame_sink(environ.get("asgi.scope") or {})
-        if sink is not None:  # connected over a WebSocket from the start
-            conn.attach(sink)
+        conn._try_attach()  # connected over a WebSocket from the start (or upgraded already)
         self.connections[sid] = conn
+        self._by_eio[eio_sid] = conn
         self.hub.metrics.connections.labels(conn.transport).inc()
         self.hub.dispatcher.add(conn, types)
         conn.emit_now("connection_established", {
@@ -288,7 +495,9 @@ class SocketIOTransport:
         conn = self.connections.pop(sid, None)
         if conn is None:
             return
-        self._upgrade_sinks.pop(conn.eio_sid, None)
+        self._abort_later(conn.eio_sid)
+        if self._by_eio.get(conn.eio_sid) is conn:
+            del self._by_eio[conn.eio_sid]
         conn.stop_writer()
         if conn.expiry is not None:
             conn.expiry.cancel()
@@ -300,10 +509,13 @@ class SocketIOTransport:
         conn.emit_now("token_expired", {"code": 4003, "message": "token expired"})
         self._kick(conn)
 
+    def kick_failed(self, conn: SocketIOConnection) -> None:
+        self._kick(conn, drop_queue=True)
+
     def kick_slow(self, conn: SocketIOConnection) -> None:
         self.hub.metrics.slow_consumers.labels(conn.transport).inc()
-        sock = self.sio.eio.sockets.get(conn.eio_sid)
-        dropped = conn.queued + (sock.queue.qsize() if sock is not None else 0)
+        sock = eio_compat.socket(self.sio.eio, conn.eio_sid)
+        dropped = conn.queued + (eio_compat.queue_length(sock) if sock is not None else 0)
         self.hub.metrics.dropped.labels("slow_consumer").inc(dropped)
         log.warning("disconnecting slow Socket.IO consumer %s (user %s)", conn.sid,
                     conn.principal.user_id)
@@ -315,28 +527,27 @@ class SocketIOTransport:
         conn.kicked = True
         if drop_queue:
             conn.stop_writer()
-            sock = self.sio.eio.sockets.get(conn.eio_sid)
+            sock = eio_compat.socket(self.sio.eio, conn.eio_sid)
             if sock is not None:
-                # Free the backlog now; the socket is going away.
-                while not sock.queue.empty():
-                    sock.queue.get_nowait()
-                    sock.queue.task_done()
+                eio_compat.drop_queued(sock)  # free the backlog now; the socket is going away
         asyncio.get_running_loop().create_task(self._disconnect_now(conn))
 
     async def _disconnect_now(self, conn: SocketIOConnection) -> None:
         # What is still queued (a token_expired notice) goes out first, within reason.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(conn.drained.wait(), 5)
+            await asyncio.wait_for(conn.drained.wait(), self.settings.close_timeout_s)
         await self.sio.disconnect(conn.sid)
         await self._close_transport(conn.eio_sid)
 
     async def _close_transport(self, eio_sid: str) -> None:
         """Close the Engine.IO socket without waiting for its queue to be sent: the writer
         of a slow or vanished client may never get there (engine.io's own disconnect would
-        wait for ever)."""
-        sock = self.sio.eio.sockets.get(eio_sid)
-        if sock is not None:
-            await sock.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
+        wait for ever). Its WebSocket, if the peer does not read the close, is aborted
+        after the close timeout."""
+        self._abort_later(eio_sid)
+        sock = eio_compat.socket(self.sio.eio, eio_sid)
+        if sock is not None and not eio_compat.is_closing(sock):
+            await eio_compat.close_now(self.sio.eio, sock)
 
     # -- client events ------------------------------------------------------------------
     async def _subscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
@@ -398,6 +609,48 @@ class SocketIOTransport:
                                timeout=self.hub.settings.shutdown_timeout_s)
         for conn in conns:
             await self._close_transport(conn.eio_sid)
+
+
+def _abort_if_open(sink: FrameSink) -> None:
+    if not sink.gone:
+        log.info("aborting a Socket.IO WebSocket whose peer did not read its close")
+        sink.abort()
+
+
+def _address(scope: Any) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _content_length(scope: Any) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _refuse(scope: Any, send: Any, status: int, close_code: int, code: str,
+                  message: str) -> None:
+    """Refuse a request before engine.io sees it: an HTTP error with a JSON body, or for
+    a WebSocket an accept and a close whose reason says why (a close before the accept
+    would reach the client as a bare 403)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": close_code,
+                    "reason": message.encode()[:123].decode("utf-8", "ignore")})
+        return
+    body = orjson.dumps({"code": code, "message": message})
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    if status == 413:
+        headers.append((b"connection", b"close"))  # the unread body is not drained
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _error(exc: ProtocolError) -> dict[str, Any]:

@@ -59,6 +59,15 @@ class PlainConnection(Subscriber):
         self._on_abort = on_abort
         self.writer: asyncio.Task[None] | None = None
 
+    @property
+    def frame_path(self) -> str:
+        """How its events reach the transport (for the hub_frame_path_connections metric)."""
+        return "direct" if self._sink is not None else "asgi"
+
+    def close_after_error(self) -> None:
+        """A send to it failed (see Dispatcher._deliver): close it."""
+        self.abort(CloseCode.INTERNAL_ERROR, "internal error")
+
     # -- outbox -------------------------------------------------------------------------
     @property
     def queued(self) -> int:
@@ -201,6 +210,7 @@ class PlainTransport:
                                hub.dispatcher.remove)
         self.connections.add(conn)
         hub.metrics.connections.labels(conn.transport).inc()
+        hub.metrics.frame_path.labels(conn.transport, conn.frame_path).inc()
         hub.dispatcher.add(conn)
         conn.enqueue(control("connection_established", {
             "user_id": principal.user_id,

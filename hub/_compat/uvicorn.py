@@ -1,0 +1,51 @@
+"""uvicorn's ``websockets-sansio`` protocol, reached from the ASGI ``send`` callable.
+
+Assumptions (asserted by tests/test_compat.py):
+- ``send`` is the bound method ``WebSocketsSansIOProtocol.send``, so ``send.__self__`` is
+  the protocol of the connection;
+- the protocol has ``transport`` (an asyncio transport: ``write``, ``is_closing``,
+  ``abort``), ``writable`` (an ``asyncio.Event`` cleared while the transport pushes back
+  and set again when it drains *or the connection is lost*), ``close_sent`` and
+  ``disconnected`` (booleans) and ``config.ws_per_message_deflate``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROTOCOL_CLASS = "WebSocketsSansIOProtocol"
+ATTRIBUTES = ("transport", "writable", "close_sent", "disconnected", "config")
+
+
+def sansio_protocol(send: Any) -> Any | None:
+    """The uvicorn protocol behind a raw ASGI ``send``; None under anything else (another
+    server or protocol, or middleware that wrapped ``send``)."""
+    protocol: Any = getattr(send, "__self__", None)
+    if protocol is None or type(protocol).__name__ != PROTOCOL_CLASS:
+        return None
+    if not all(hasattr(protocol, name) for name in ATTRIBUTES):
+        return None  # a uvicorn release that changed its internals: use ASGI
+    if getattr(protocol.config, "ws_per_message_deflate", False):
+        return None  # keep what was negotiated exact: compressed connections use ASGI
+    return protocol
+
+
+def is_writable(protocol: Any) -> bool:
+    return bool(protocol.writable.is_set())
+
+
+def is_closed(protocol: Any) -> bool:
+    return bool(protocol.transport.is_closing() or protocol.close_sent)
+
+
+def is_gone(protocol: Any) -> bool:
+    """uvicorn saw the TCP connection end (``connection_lost``): its descriptor is free.
+    A transport that is merely closing still holds it while unread data waits."""
+    return bool(protocol.disconnected)
+
+
+def abort(protocol: Any) -> None:
+    """Drop the connection now, discarding what its peer never read: frees the descriptor
+    even when the peer stopped reading (uvicorn's close would wait for that flush)."""
+    if not protocol.disconnected:
+        protocol.transport.abort()
