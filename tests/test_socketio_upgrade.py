@@ -133,6 +133,9 @@ def check(result: dict[str, Any]) -> dict[str, int]:
     assert result["statuses"] == {202: result["published"]}, result["statuses"]
     assert len(result["reports"]) == len(result["connected_at"])
     assert not problems, problems[:10]
+    received = sum(len(r["seqs"]) for r in result["reports"])
+    print(f"upgrade load: {len(result['reports'])} clients, {result['published']} events "
+          f"published, {received} received, {counts}")
     return counts
 
 

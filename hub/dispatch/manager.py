@@ -32,13 +32,16 @@ def queue_eio_packet(server: Any, eio_sid: str, pkt: eio_packet.Packet) -> int |
 
 
 def emit_tenant(data: Any) -> str | None:
-    """The tenant an emit's payload belongs to (``tenant_id`` of its first argument)."""
+    """The tenant an emit's payload belongs to: ``data.tenant_id`` of an envelope like
+    hub's own (``{"type", "data": {...}}``), or ``tenant_id`` of a bare data object."""
     first = data[0] if isinstance(data, tuple | list) and data else data
-    if isinstance(first, dict):
+    if not isinstance(first, dict):
+        return None
+    inner = first.get("data")
+    tenant = inner.get("tenant_id") if isinstance(inner, dict) else None
+    if tenant is None:
         tenant = first.get("tenant_id")
-        if tenant is not None:
-            return str(tenant)
-    return None
+    return str(tenant) if tenant is not None else None
 
 
 def refuse_tenant_emit(event: Any, data: Any) -> bool:
