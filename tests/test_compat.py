@@ -1,0 +1,271 @@
+"""Contract tests for hub/_compat: every assumption hub makes about uvicorn,
+python-engineio and python-socketio internals, checked against the installed releases.
+
+A failure names the library and its version (``CompatError``); the version ranges in
+pyproject.toml are the ones these tests pass on. tests/test_compat_versions.py runs this
+file again in a virtualenv holding the lowest allowed versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from pathlib import Path
+from typing import Any
+
+import engineio
+import httpx
+import orjson
+import pytest
+import socketio
+import websockets
+from engineio import packet as eio_packet
+
+from hub._compat import CompatError
+from hub._compat import engineio as eio_compat
+from hub._compat import uvicorn as uvicorn_compat
+from hub.transports.frames import SEND_KEY
+from tests.conftest import SECRET, RunningHub, make_token, start_hub_process, stop_process
+from tests.helpers import THREAT, connected, recv_type, wait_until
+from tests.sio_helpers import SioClient
+
+SIO = "/socket.io/"
+
+
+def expect(condition: object, distribution: str, assumption: str) -> None:
+    if not condition:
+        raise CompatError(distribution, assumption)
+
+
+def test_compat_error_names_library_and_version() -> None:
+    message = str(CompatError("python-engineio", "something changed"))
+    from importlib import metadata
+
+    assert message.startswith(
+        f"python-engineio {metadata.version('python-engineio')}: something changed")
+
+
+# -- uvicorn ----------------------------------------------------------------------------
+async def _protocol(hub: RunningHub) -> tuple[Any, Any]:
+    ws = await connected(hub.ws_url, make_token())
+    await wait_until(lambda: hub.hub.websocket.connections, what="the connection")
+    conn = next(iter(hub.hub.websocket.connections))
+    send = conn.websocket.scope[SEND_KEY]
+    protocol = getattr(send, "__self__", None)
+    expect(protocol is not None and type(protocol).__name__ == uvicorn_compat.PROTOCOL_CLASS,
+           "uvicorn", f"the raw ASGI send of a WebSocket is {uvicorn_compat.PROTOCOL_CLASS}"
+           f".send (got {send!r})")
+    return ws, protocol
+
+
+async def test_uvicorn_send_is_the_sansio_protocol_with_what_hub_uses(
+        memory_hub: RunningHub) -> None:
+    ws, protocol = await _protocol(memory_hub)
+    for name in uvicorn_compat.ATTRIBUTES:
+        expect(hasattr(protocol, name), "uvicorn", f"the sans-I/O protocol has {name!r}")
+    expect(isinstance(protocol.writable, asyncio.Event), "uvicorn",
+           "protocol.writable is an asyncio.Event")
+    for method in ("write", "is_closing", "abort"):
+        expect(callable(getattr(protocol.transport, method, None)), "uvicorn",
+               f"protocol.transport has {method}()")
+    expect(protocol.close_sent is False and protocol.disconnected is False, "uvicorn",
+           "close_sent and disconnected are False on an open connection")
+    expect(uvicorn_compat.sansio_protocol(protocol.send) is protocol, "uvicorn",
+           "hub finds the protocol from send")
+    await ws.close()
+
+
+async def test_uvicorn_sets_writable_when_a_paused_connection_is_lost(
+        memory_hub: RunningHub) -> None:
+    """hub's writers wait on ``writable``; if a connection lost while paused never set it
+    (before uvicorn 0.53), they would wait for ever."""
+    ws, protocol = await _protocol(memory_hub)
+    protocol.pause_writing()  # what the transport calls when its buffer fills
+    expect(not protocol.writable.is_set(), "uvicorn", "pause_writing clears writable")
+    ws.transport.abort()
+    await wait_until(lambda: protocol.disconnected, what="uvicorn to see the connection lost")
+    expect(protocol.writable.is_set(), "uvicorn",
+           "connection_lost sets writable (needs uvicorn >= 0.53)")
+
+
+async def test_uvicorn_abort_ends_the_connection(memory_hub: RunningHub) -> None:
+    ws, protocol = await _protocol(memory_hub)
+    uvicorn_compat.abort(protocol)
+    await wait_until(lambda: protocol.disconnected, what="the abort")
+    expect(uvicorn_compat.is_gone(protocol), "uvicorn", "an aborted connection is gone")
+    del ws
+
+
+# -- python-engineio --------------------------------------------------------------------
+async def test_engineio_socket_send_only_queues() -> None:
+    server = engineio.AsyncServer(async_mode="asgi")
+    sock = engineio.async_socket.AsyncSocket(server, "sid")
+    expect(isinstance(sock.queue, asyncio.Queue), "python-engineio",
+           "AsyncSocket.queue is an asyncio.Queue")
+    for name, value in (("connected", False), ("upgrading", False), ("upgraded", False),
+                        ("closing", False), ("closed", False)):
+        expect(getattr(sock, name, None) is value, "python-engineio",
+               f"AsyncSocket.{name} starts {value}")
+    pkt = eio_packet.Packet(eio_packet.MESSAGE, "2[]")
+    await sock.send(pkt)
+    expect(sock.queue.get_nowait() is pkt, "python-engineio",
+           "AsyncSocket.send puts the packet on its queue and nothing else")
+    sock.queue.task_done()
+    server.sockets["sid"] = sock
+    expect(eio_compat.queue_packet(server, "sid", pkt) == 1, "python-engineio",
+           "hub queues on AsyncServer.sockets[sid].queue")
+    expect(server.transport("sid") == "polling", "python-engineio",
+           "AsyncServer.transport(sid) answers 'polling' before an upgrade")
+    eio_compat.drop_queued(sock)
+    eio_compat.end_poll(sock)
+    polled = await sock.poll()
+    expect([p.encode() for p in polled] == ["6"], "python-engineio",
+           "a NOOP on the queue answers a pending poll with 6")
+    for name in ("CLIENT_DISCONNECT", "SERVER_DISCONNECT", "PING_TIMEOUT"):
+        expect(hasattr(server.reason, name), "python-engineio", f"AsyncServer.reason.{name}")
+    params = inspect.signature(engineio.async_socket.AsyncSocket.close).parameters
+    expect({"wait", "abort", "reason"} <= set(params), "python-engineio",
+           "AsyncSocket.close(wait, abort, reason)")
+
+
+async def test_engineio_upgrade_flags_follow_the_upgrade(memory_hub: RunningHub) -> None:
+    """hub makes a WebSocket the carrier of a session when the client's ``5`` arrives
+    while ``upgrading`` is set, and writes to it once ``transport(sid)`` says websocket."""
+    eio = memory_hub.hub.socketio.sio.eio
+    async with httpx.AsyncClient(timeout=10) as http:
+        opened = await http.get(f"{memory_hub.url}{SIO}?EIO=4&transport=polling")
+        sid = orjson.loads(opened.text[1:])["sid"]
+        await http.post(f"{memory_hub.url}{SIO}?EIO=4&transport=polling&sid={sid}",
+                        content="40" + orjson.dumps({"token": make_token()}).decode())
+        sock = eio_compat.socket(eio, sid)
+        expect(sock is not None, "python-engineio", "AsyncServer.sockets holds open sessions")
+        async with websockets.connect(f"ws://127.0.0.1:{memory_hub.port}{SIO}?EIO=4"
+                                      f"&transport=websocket&sid={sid}") as ws:
+            await wait_until(lambda: sock.upgrading, what="engine.io to start the upgrade")
+            expect(eio_compat.upgrade_in_progress(sock), "python-engineio",
+                   "upgrading is set once the upgrade's WebSocket is accepted")
+            await ws.send("2probe")
+            expect(await ws.recv() == "3probe", "python-engineio", "2probe is answered 3probe")
+            expect(eio_compat.upgrade_in_progress(sock) and not eio_compat.on_websocket(
+                eio, sid), "python-engineio", "still upgrading between 3probe and 5")
+            await ws.send("5")
+            await wait_until(lambda: eio_compat.on_websocket(eio, sid), what="the upgrade")
+            expect(not eio_compat.upgrade_in_progress(sock), "python-engineio",
+                   "upgrading is cleared once 5 arrived")
+            expect(memory_hub.hub.socketio.sink_for(sid) is not None, "python-engineio",
+                   "the upgraded WebSocket carries the session")
+
+
+# -- python-socketio --------------------------------------------------------------------
+def test_socketio_server_hooks_hub_overrides() -> None:
+    for name, params in (("_handle_eio_connect", ["eio_sid", "environ"]),
+                         ("_handle_eio_message", ["eio_sid", "data"]),
+                         ("_handle_eio_disconnect", ["eio_sid", "reason"])):
+        method = getattr(socketio.AsyncServer, name, None)
+        expect(method is not None and list(inspect.signature(method).parameters)[1:] == params,
+               "python-socketio", f"AsyncServer.{name}(self, {', '.join(params)})")
+    server = socketio.AsyncServer(async_mode="asgi")
+    for event, handler in (("connect", "_handle_eio_connect"),
+                           ("message", "_handle_eio_message"),
+                           ("disconnect", "_handle_eio_disconnect")):
+        expect(server.eio.handlers.get(event) == getattr(server, handler), "python-socketio",
+               f"engine.io's {event!r} event calls AsyncServer.{handler}")
+    for name in ("get_participants", "eio_sid_from_sid", "basic_enter_room",
+                 "basic_leave_room", "connect"):
+        expect(callable(getattr(socketio.AsyncManager, name, None)), "python-socketio",
+               f"AsyncManager.{name}")
+    for name in ("_redis_connect", "_redis_listen_with_retries", "_handle_emit"):
+        expect(callable(getattr(socketio.AsyncRedisManager, name, None)), "python-socketio",
+               f"AsyncRedisManager.{name}")
+    expect(callable(getattr(server, "get_environ", None)), "python-socketio",
+           "AsyncServer.get_environ")
+
+
+async def test_socketio_queues_connect_before_manager_connect(memory_hub: RunningHub) -> None:
+    """hub starts delivery from the manager's ``connect`` (ConnectHookMixin): the CONNECT
+    packet must already be queued then, or events would overtake it (19 of 24 Socket.IO
+    tests time out on python-socketio 5.17)."""
+    transport = memory_hub.hub.socketio
+    manager = transport.sio.manager
+    seen: list[list[str]] = []
+    original = manager.on_connected
+
+    def record(sid: str) -> None:
+        eio_sid = manager.eio_sid_from_sid(sid, "/")
+        sock = eio_compat.socket(transport.sio.eio, eio_sid)
+        seen.append([p.encode() for p in list(sock.queue._queue)] if sock else [])
+        original(sid)
+
+    manager.on_connected = record
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            opened = await http.get(f"{memory_hub.url}{SIO}?EIO=4&transport=polling")
+            sid = orjson.loads(opened.text[1:])["sid"]
+            await http.post(f"{memory_hub.url}{SIO}?EIO=4&transport=polling&sid={sid}",
+                            content="40" + orjson.dumps({"token": make_token()}).decode())
+    finally:
+        manager.on_connected = original
+    expect(len(seen) == 1 and any(p.startswith("40{") for p in seen[0]), "python-socketio",
+           f"the CONNECT packet is queued before manager.connect runs (queue: {seen})")
+
+
+async def test_socketio_participants_are_sid_pairs(memory_hub: RunningHub) -> None:
+    client = SioClient()
+    await client.connect(memory_hub.url, auth={"token": make_token()})
+    manager = memory_hub.hub.socketio.sio.manager
+    pairs = list(manager.get_participants("/", "threat_detected"))
+    expect(len(pairs) == 1 and len(pairs[0]) == 2, "python-socketio",
+           "AsyncManager.get_participants yields (sid, eio_sid) pairs")
+    await client.close()
+
+
+# -- the direct frame path, end to end --------------------------------------------------
+def _direct(metrics: str, transport: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("hub_frame_path_connections_total{") and \
+                f'transport="{transport}"' in line and 'path="direct"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_hub_serve_takes_the_direct_frame_path(tmp_path: Path) -> None:
+    """Under ``hub serve``, /ws/events connections and Socket.IO sockets (on a WebSocket
+    from the start, and upgraded from polling) write events straight to uvicorn's
+    transport. If a library change turned that path off, everything would still work,
+    slower: only this test notices."""
+    hub = start_hub_process({"JWT_SECRET": SECRET}, tmp_path=tmp_path)
+    try:
+        ws = await connected(f"ws://127.0.0.1:{hub.port}/ws/events", make_token("plain"))
+        direct_ws = SioClient()
+        await direct_ws.connect(hub.url, auth={"token": make_token("ws")})
+        upgraded = SioClient()
+        await upgraded.connect(hub.url, auth={"token": make_token("up")},
+                               transports=["polling", "websocket"])
+        await wait_until(lambda: upgraded.client.transport() == "websocket",
+                         what="the upgrade")
+        admin = make_token("publisher", role="admin")
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {admin}"}) as http:
+            assert (await http.post(f"{hub.url}/events", json={
+                "type": "threat_detected", "data": THREAT})).status_code == 202
+            await recv_type(ws, "threat_detected")
+            await direct_ws.next_event("threat_detected")
+            await upgraded.next_event("threat_detected")
+            metrics = (await http.get(f"{hub.url}/metrics")).text
+        expect(_direct(metrics, "websocket") == 1, "uvicorn",
+               "/ws/events under hub serve writes frames to the sans-I/O transport")
+        expect(_direct(metrics, "socketio") == 2, "uvicorn",
+               "Socket.IO under hub serve writes frames to the sans-I/O transport "
+               "(WebSocket from the start, and after an upgrade)")
+        await ws.close()
+        await direct_ws.close()
+        await upgraded.close()
+    finally:
+        stop_process(hub.process)
+
+
+@pytest.fixture(autouse=True)
+def _versions(record_property: Any) -> None:
+    from hub._compat import version
+
+    for name in ("uvicorn", "python-engineio", "python-socketio"):
+        record_property(name, version(name))
