@@ -23,7 +23,7 @@ from tests.conftest import (
     start_hub_process,
     stop_process,
 )
-from tests.helpers import THREAT, client_frame, stalled_client, wait_until
+from tests.helpers import THREAT, client_frame, connected, stalled_client, wait_until
 from tests.sio_helpers import SioClient
 
 SIO = "/socket.io/"
@@ -211,9 +211,11 @@ async def test_sessions_that_never_connect_are_capped_and_time_out() -> None:
 
 
 async def test_bad_token_sessions_do_not_pile_up() -> None:
+    """A refused CONNECT ends its Engine.IO session (before the fix, 2,000 bad-token
+    connections grew the server by 90 MB and stayed)."""
     import socketio
 
-    settings = make_settings(socketio_connect_timeout_s=1.0)
+    settings = make_settings(socketio_connect_timeout_s=60)
     async with run_hub(settings) as running:
         transport = running.hub.socketio
         clients = []
@@ -225,6 +227,32 @@ async def test_bad_token_sessions_do_not_pile_up() -> None:
             clients.append(client)
         await wait_until(lambda: not transport._unbound and running.hub.socketio.sio.eio
                          .sockets == {}, timeout=15, what="refused sessions to end")
+        assert running.hub.limits.total == 0
+        for client in clients:
+            await client.client.disconnect()
+
+
+async def test_per_user_cap_counts_both_transports() -> None:
+    import socketio
+
+    async with run_hub(make_settings(max_connections_per_user=2)) as running:
+        ws = await connected(running.ws_url, make_token("carol"))
+        first = SioClient()
+        await first.connect(running.url, auth={"token": make_token("carol")},
+                            transports=["polling", "websocket"])
+        second = SioClient()
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await second.connect(running.url, auth={"token": make_token("carol")})
+        refusal = await asyncio.wait_for(second.connect_error, 10)
+        assert refusal["data"]["code"] == 1013
+        other = SioClient()  # another user is not affected
+        await other.connect(running.url, auth={"token": make_token("dave")})
+        assert running.hub.limits.total == 3
+        await wait_until(lambda: len(running.hub.socketio.sio.eio.sockets) == 2,
+                         what="the refused session to end")
+        await ws.close()
+        for client in (first, other):
+            await client.close()
 
 
 # -- message floods ---------------------------------------------------------------------

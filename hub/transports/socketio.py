@@ -384,6 +384,24 @@ class SocketIOTransport:
         if self._unbound_by_address[address] <= 0:
             del self._unbound_by_address[address]
 
+    def _close_after_refusal(self, sid: str) -> None:
+        """A refused CONNECT leaves nothing to wait for: end the Engine.IO session once
+        the CONNECT_ERROR is out (within the close timeout), instead of holding it for
+        the connect timeout."""
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        if eio_sid is not None:
+            asyncio.get_running_loop().create_task(self._close_when_sent(eio_sid))
+
+    async def _close_when_sent(self, eio_sid: str) -> None:
+        await asyncio.sleep(0)  # python-socketio queues the CONNECT_ERROR after we raise
+        sock = eio_compat.socket(self.sio.eio, eio_sid)
+        if sock is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(eio_compat.sent_everything(sock),
+                                   self.settings.close_timeout_s)
+        await self._close_transport(eio_sid)
+
     def _connect_timed_out(self, eio_sid: str) -> None:
         if eio_sid in self._unbound:
             log.info("closing an Engine.IO session that did not connect in %.0f s",
@@ -445,6 +463,7 @@ class SocketIOTransport:
             principal = hub.verifier.verify(token)
         except AuthError as exc:
             hub.metrics.auth_failures.labels(exc.code).inc()
+            self._close_after_refusal(sid)
             raise socketio.exceptions.ConnectionRefusedError(
                 "unauthorized", {"code": 4003, "reason": exc.code, "message": exc.message}
             ) from None
@@ -457,6 +476,7 @@ class SocketIOTransport:
                     exc.message, {"code": exc.code}) from None
         refusal = hub.limits.acquire(principal.user_id)
         if refusal is not None:
+            self._close_after_refusal(sid)
             raise socketio.exceptions.ConnectionRefusedError(refusal, {"code": 1013})
         self._pending[sid] = (principal, types, auth.get("last_event_id"))
 
