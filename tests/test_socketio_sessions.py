@@ -336,3 +336,27 @@ async def test_external_emitter_events_are_tenant_scoped(redis_hubs: tuple[Runni
     assert got == {"a": [2], "b": [1, 2], "none": [2], "admin": [1, 2]}
     for viewer in viewers.values():
         await viewer.close()
+
+
+async def test_a_ping_timeout_frees_a_peer_that_stopped_reading() -> None:
+    """engine.io drops a client that stops answering pings; when that client also stopped
+    reading, with frames stuck behind its full buffer, the WebSocket's close would wait
+    for ever: it is aborted after the close timeout."""
+    settings = make_settings(outbox_limit=100_000, ping_interval_s=0.5, ping_timeout_s=0.5,
+                             close_timeout_s=0.5)
+    async with run_hub(settings) as running:
+        _reader, stalled = await stalled_client(
+            running.port, make_token("gone"), path=f"{SIO}?EIO=4&transport=websocket")
+        stalled.write(client_frame("40" + orjson.dumps({"token": make_token("gone")}).decode()))
+        transport = running.hub.socketio
+        await wait_until(lambda: len(transport.connections) == 1, what="the connect")
+        sink = next(iter(transport._ws_sinks.values()))
+        big = {"severity": "info", "message": "x" * 32_000}
+        for n in range(300):  # ~10 MB: far more than the socket buffers take
+            await running.publish("cost_threshold_alert", {**big, "n": n})
+        assert not sink.ready()  # backpressure: the peer does not read
+        await wait_until(lambda: sink.gone, timeout=20, what="the transport to be aborted")
+        await wait_until(lambda: not transport.connections and not transport._ws_sinks,
+                         what="the bookkeeping to clear")
+        assert running.hub.limits.total == 0
+        stalled.transport.abort()
