@@ -89,5 +89,10 @@ def end_poll(sock: Any) -> None:
 
 
 async def close_now(server: Any, sock: Any) -> None:
-    """Close without waiting for the queue to be sent (a stalled client never takes it)."""
+    """Close without waiting for the queue to be sent (a stalled client never takes it),
+    and forget the session at once, as ``AsyncServer.disconnect`` does (engine.io would
+    otherwise keep a closed socket until the client's next request or its service task's
+    next round)."""
     await sock.close(wait=False, reason=server.reason.SERVER_DISCONNECT)
+    if sock.closed and server.sockets.get(sock.sid) is sock:
+        del server.sockets[sock.sid]
