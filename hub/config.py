@@ -163,6 +163,9 @@ class Settings:
                      "close_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
+        if self.ping_interval_s < 1:
+            # python-engineio advertises the interval in whole seconds (rounded down).
+            raise ConfigError("HUB_PING_INTERVAL_S must be at least 1 (seconds)")
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:
             raise ConfigError("HUB_CLIENT_RATE and HUB_SHUTDOWN_TIMEOUT_S must be positive, "
                               "HUB_JWT_LEEWAY_S not negative")

@@ -342,7 +342,7 @@ async def test_a_ping_timeout_frees_a_peer_that_stopped_reading() -> None:
     """engine.io drops a client that stops answering pings; when that client also stopped
     reading, with frames stuck behind its full buffer, the WebSocket's close would wait
     for ever: it is aborted after the close timeout."""
-    settings = make_settings(outbox_limit=100_000, ping_interval_s=0.5, ping_timeout_s=0.5,
+    settings = make_settings(outbox_limit=100_000, ping_interval_s=1, ping_timeout_s=0.5,
                              close_timeout_s=0.5)
     async with run_hub(settings) as running:
         _reader, stalled = await stalled_client(
@@ -360,3 +360,21 @@ async def test_a_ping_timeout_frees_a_peer_that_stopped_reading() -> None:
                          what="the bookkeeping to clear")
         assert running.hub.limits.total == 0
         stalled.transport.abort()
+
+
+async def test_ping_settings_reach_the_handshake() -> None:
+    from hub.config import Settings
+    from hub.exceptions import ConfigError
+
+    settings = Settings.from_env({"JWT_SECRET": SECRET, "HUB_PING_INTERVAL_S": "3",
+                                  "HUB_PING_TIMEOUT_S": "2.5"})
+    assert (settings.ping_interval_s, settings.ping_timeout_s) == (3.0, 2.5)
+    for bad in ({"HUB_PING_INTERVAL_S": "0.5"}, {"HUB_PING_TIMEOUT_S": "0"},
+                {"HUB_SOCKETIO_UNBOUND_LIMIT": "0"}, {"HUB_CLOSE_TIMEOUT_S": "-1"}):
+        with pytest.raises(ConfigError):
+            Settings.from_env({"JWT_SECRET": SECRET, **bad})
+    async with run_hub(make_settings(ping_interval_s=3, ping_timeout_s=2.5)) as running, \
+            httpx.AsyncClient() as http:
+        opened = await http.get(f"{running.url}{SIO}?EIO=4&transport=polling")
+        handshake = orjson.loads(opened.text[1:])
+    assert (handshake["pingInterval"], handshake["pingTimeout"]) == (3000, 2500)
