@@ -48,12 +48,15 @@ class Hub:
         self.metrics = Metrics()
         self.verifier = TokenVerifier(settings)
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
-        self.types = EventTypes(settings.extra_event_types)
+        self.types = EventTypes(settings.extra_event_types,
+                                open_types=not settings.legacy_strict,
+                                max_types=settings.max_event_types)
         self.dispatcher = Dispatcher(
             self._backend(settings, redis), self.types, self.metrics,
             max_data_bytes=settings.max_data_bytes,
             max_subscribe_types=settings.max_subscribe_types,
             batch=coalesced_writes,
+            legacy_strict=settings.legacy_strict,
         )
         self.websocket = PlainTransport(self)
         self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
@@ -173,7 +176,7 @@ class Hub:
         try:
             event = await self.dispatcher.publish(payload.get("type"), payload.get("data"))
         except EventError as exc:
-            return _error(422, exc.code, exc.message, field=exc.field)
+            return _error(422, exc.code, exc.message, field=exc.field, fields=exc.fields)
         except BackendUnavailable as exc:
             return _error(503, exc.code, "the event backend is unavailable; retry later",
                           headers={"Retry-After": "1"})
@@ -190,10 +193,11 @@ class Hub:
 
 
 def _error(status: int, code: str, message: str, *, field: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           fields: tuple[str, ...] = (), headers: dict[str, str] | None = None) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
-        error["field"] = field
+        error["field"] = field  # the first; "fields" lists every field at fault
+        error["fields"] = list(fields or (field,))
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 

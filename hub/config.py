@@ -49,6 +49,10 @@ class Settings:
     tenant_claim: str = "tenant_id"
     legacy_channel: str = "koreshield:events"
     extra_event_types: tuple[str, ...] = ()
+    # The proxy's channel: strict refuses spec types whose data misses hub's schema and
+    # types not configured; by default both are delivered (see README "Drop-in for the proxy").
+    legacy_strict: bool = False
+    max_event_types: int = 64  # spec + extra + types learned from the channel or stream
     stream_key: str = "hub:events"
     socketio_channel: str = "socketio"
     instance_id: str = field(default_factory=_default_instance_id)
@@ -156,9 +160,16 @@ class Settings:
                     f"HUB_ALLOWED_ORIGINS entry {origin!r} is not an origin like "
                     "https://dash.example.com"
                 )
+        from hub.events import BUILTIN_TYPES, is_type_name
+
         for name in self.extra_event_types:
-            if not name.replace("_", "").replace(".", "").isalnum():
-                raise ConfigError(f"HUB_EXTRA_EVENT_TYPES entry {name!r} is not a valid type name")
+            if not is_type_name(name):
+                raise ConfigError(f"HUB_EXTRA_EVENT_TYPES entry {name!r} is not a valid type "
+                                  "name (1 to 64 letters, digits, _ . : -)")
+        configured = len(set(BUILTIN_TYPES) | set(self.extra_event_types))
+        if self.max_event_types < configured:
+            raise ConfigError(f"HUB_MAX_EVENT_TYPES must be at least {configured} (the spec's "
+                              "types and HUB_EXTRA_EVENT_TYPES)")
 
 
 _ENV_NAMES = {

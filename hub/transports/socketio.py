@@ -351,7 +351,7 @@ class SocketIOTransport:
                                     code="not_an_object")
             types = dispatcher.check_types(payload.get("event_types"))
             dispatcher.subscribe(conn, types)
-            ack: dict[str, Any] = {"subscribed_to": dispatcher.subscribed_to(conn)}
+            ack: dict[str, Any] = dispatcher.subscription_reply(conn, types)
             if payload.get("last_event_id") is not None:
                 result = await self._resume(conn, payload["last_event_id"])
                 ack.update(replayed=result["replayed"], truncated=result["truncated"],
@@ -368,10 +368,11 @@ class SocketIOTransport:
         try:
             if not isinstance(data, dict):
                 raise ProtocolError("unsubscribe takes {event_types}", code="not_an_object")
-            dispatcher.unsubscribe(conn, dispatcher.check_types(data.get("event_types")))
+            types = dispatcher.check_types(data.get("event_types"))
+            dispatcher.unsubscribe(conn, types)
         except ProtocolError as exc:
             return _error(exc)
-        return {"subscribed_to": dispatcher.subscribed_to(conn)}
+        return dispatcher.subscription_reply(conn, types)
 
     async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:
         return (await self.hub.dispatcher.resume(conn, last_event_id)).message()

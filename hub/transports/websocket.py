@@ -286,8 +286,7 @@ class PlainTransport:
             dispatcher.subscribe(conn, types)
         else:
             dispatcher.unsubscribe(conn, types)
-        conn.enqueue(control("subscription_updated",
-                             {"subscribed_to": dispatcher.subscribed_to(conn)}))
+        conn.enqueue(control("subscription_updated", dispatcher.subscription_reply(conn, types)))
         if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
             await self._resume(conn, message.last_event_id)
 
