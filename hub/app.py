@@ -33,6 +33,7 @@ from hub.exceptions import BackendUnavailable, EventError
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
+from hub.refusals import RefusalTracker
 from hub.transports.frames import SEND_KEY, coalesced_writes
 from hub.transports.socketio import SocketIOTransport
 from hub.transports.websocket import PlainTransport
@@ -48,6 +49,7 @@ class Hub:
         self.metrics = Metrics()
         self.verifier = TokenVerifier(settings)
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
+        self.refusals = RefusalTracker(settings.refusal_limit, settings.refusal_window_s)
         self.types = EventTypes(settings.extra_event_types,
                                 open_types=not settings.legacy_strict,
                                 max_types=settings.max_event_types)

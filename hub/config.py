@@ -64,6 +64,10 @@ class Settings:
     max_connections: int = 10_000
     max_connections_per_user: int = 100
     shutdown_timeout_s: float = 10.0
+    # Refused /ws/events connections from one address answered with 4003 before it gets
+    # HTTP 403 before the handshake, and the quiet time that ends it (hub/refusals.py).
+    refusal_limit: int = 5
+    refusal_window_s: float = 60.0
     json_logs: bool = False
 
     @classmethod
@@ -148,9 +152,11 @@ class Settings:
                 )
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
-                     "max_connections_per_user"):
+                     "max_connections_per_user", "refusal_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
+        if self.refusal_window_s <= 0:
+            raise ConfigError("HUB_REFUSAL_WINDOW_S must be a positive number")
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:
             raise ConfigError("HUB_CLIENT_RATE and HUB_SHUTDOWN_TIMEOUT_S must be positive, "
                               "HUB_JWT_LEEWAY_S not negative")

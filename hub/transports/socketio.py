@@ -237,6 +237,8 @@ class SocketIOTransport:
             principal = hub.verifier.verify(token)
         except AuthError as exc:
             hub.metrics.auth_failures.labels(exc.code).inc()
+            client = (environ.get("asgi.scope") or {}).get("client")  # REMOTE_ADDR is fixed
+            hub.refusals.refuse("Socket.IO", client[0] if client else None, exc.code)
             raise socketio.exceptions.ConnectionRefusedError(
                 "unauthorized", {"code": 4003, "reason": exc.code, "message": exc.message}
             ) from None
