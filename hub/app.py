@@ -191,7 +191,7 @@ class Hub:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_endpoint(self, request: Request) -> JSONResponse:
-        return JSONResponse(openapi_document(__version__, self.types.names))
+        return JSONResponse(openapi_document(__version__, self.types.publishable))
 
 
 def _error(status: int, code: str, message: str, *, field: str | None = None,

@@ -294,6 +294,11 @@ class EventTypes:
     def names(self) -> tuple[str, ...]:
         return (*self._validators, *self._learned)
 
+    @property
+    def publishable(self) -> tuple[str, ...]:
+        """The types ``POST /events`` and ``hub.publish`` accept."""
+        return tuple(self._validators)
+
     def __contains__(self, name: object) -> bool:
         return name in self._validators or name in self._learned
 
