@@ -35,9 +35,11 @@ class RefusalTracker:
         self._recent: OrderedDict[str, tuple[int, float]] = OrderedDict()  # count, last
 
     def refuse(self, transport: str, address: str | None, reason: str,
-               user: str | None = None) -> Answer:
+               user: str | None = None, *, early_answer: bool = True) -> Answer:
         """Note one refused connection and say how to answer it; logs it (a run of early
-        answers to one address is logged once, when it starts)."""
+        answers to one address is logged once, when it starts). ``early_answer=False``
+        for a transport that always answers the same way (Socket.IO's connect_error):
+        past the limit its refusals from that address are only no longer logged."""
         now = time.monotonic()
         key = f"{transport} {address or '-'}"
         count, last = self._recent.pop(key, (0, now))
@@ -52,7 +54,11 @@ class RefusalTracker:
             log.warning("refused %s connection from %s: %s%s", transport, address or "-",
                         reason, who)
             return Answer.CLOSE_4003
-        if count == self.limit + 1:
+        if count == self.limit + 1 and not early_answer:
+            log.warning("refused %s connection from %s: %s%s; %d refusals in a row: not "
+                        "logging more from this address until it has had none for %gs",
+                        transport, address or "-", reason, who, self.limit, self.window_s)
+        elif count == self.limit + 1:
             log.warning(
                 "refused %s connection from %s: %s%s; %d refusals in a row: answering this "
                 "address with HTTP 403 before the handshake until it has had none for %gs",

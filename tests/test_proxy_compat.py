@@ -443,3 +443,21 @@ async def test_valid_tokens_from_a_refused_address_still_get_in(memory_hub: Runn
     clients = [await connected(memory_hub.ws_url, make_token(f"user{n}")) for n in range(50)]
     for ws in clients:
         await ws.close()
+
+
+async def test_socketio_refusals_are_logged_too(memory_hub: RunningHub,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    import socketio
+
+    limit = memory_hub.hub.settings.refusal_limit
+    with hub_logs(caplog):
+        for _ in range(limit + 2):
+            client = SioClient()
+            with pytest.raises(socketio.exceptions.ConnectionError):
+                await client.connect(memory_hub.url, auth={"token": "not-a-token"})
+            assert (await client.connect_error)["data"]["code"] == 4003
+    refused = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith("refused Socket.IO connection from 127.0.0.1")]
+    assert len(refused) == limit + 1  # then quiet for that address
+    assert "not logging more from this address" in refused[-1]
+    assert all("not-a-token" not in line for line in refused)

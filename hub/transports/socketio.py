@@ -238,7 +238,8 @@ class SocketIOTransport:
         except AuthError as exc:
             hub.metrics.auth_failures.labels(exc.code).inc()
             client = (environ.get("asgi.scope") or {}).get("client")  # REMOTE_ADDR is fixed
-            hub.refusals.refuse("Socket.IO", client[0] if client else None, exc.code)
+            hub.refusals.refuse("Socket.IO", client[0] if client else None, exc.code,
+                                early_answer=False)
             raise socketio.exceptions.ConnectionRefusedError(
                 "unauthorized", {"code": 4003, "reason": exc.code, "message": exc.message}
             ) from None
