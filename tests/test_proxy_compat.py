@@ -461,3 +461,15 @@ async def test_socketio_refusals_are_logged_too(memory_hub: RunningHub,
     assert len(refused) == limit + 1  # then quiet for that address
     assert "not logging more from this address" in refused[-1]
     assert all("not-a-token" not in line for line in refused)
+
+
+async def test_a_refusal_log_names_the_user_but_never_the_token(
+        memory_hub: RunningHub, caplog: pytest.LogCaptureFixture) -> None:
+    token = make_token("erin")
+    with hub_logs(caplog):
+        ws = await ws_connect(memory_hub.ws_url, token,
+                              additional_headers={"Origin": "https://evil.example"})
+        assert (await close_code(ws))[0] == 4003
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert line == "refused /ws/events connection from 127.0.0.1: origin_not_allowed (user erin)"
+    assert token not in caplog.text
