@@ -33,6 +33,7 @@ from hub.exceptions import BackendUnavailable, EventError
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
+from hub.refusals import RefusalTracker
 from hub.transports.frames import SEND_KEY, coalesced_writes
 from hub.transports.socketio import SocketIOTransport
 from hub.transports.websocket import PlainTransport
@@ -48,12 +49,16 @@ class Hub:
         self.metrics = Metrics()
         self.verifier = TokenVerifier(settings)
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
-        self.types = EventTypes(settings.extra_event_types)
+        self.refusals = RefusalTracker(settings.refusal_limit, settings.refusal_window_s)
+        self.types = EventTypes(settings.extra_event_types,
+                                open_types=not settings.legacy_strict,
+                                max_types=settings.max_event_types)
         self.dispatcher = Dispatcher(
             self._backend(settings, redis), self.types, self.metrics,
             max_data_bytes=settings.max_data_bytes,
             max_subscribe_types=settings.max_subscribe_types,
             batch=coalesced_writes,
+            legacy_strict=settings.legacy_strict,
         )
         self.websocket = PlainTransport(self)
         self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
@@ -173,7 +178,7 @@ class Hub:
         try:
             event = await self.dispatcher.publish(payload.get("type"), payload.get("data"))
         except EventError as exc:
-            return _error(422, exc.code, exc.message, field=exc.field)
+            return _error(422, exc.code, exc.message, field=exc.field, fields=exc.fields)
         except BackendUnavailable as exc:
             return _error(503, exc.code, "the event backend is unavailable; retry later",
                           headers={"Retry-After": "1"})
@@ -186,14 +191,15 @@ class Hub:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_endpoint(self, request: Request) -> JSONResponse:
-        return JSONResponse(openapi_document(__version__, self.types.names))
+        return JSONResponse(openapi_document(__version__, self.types.publishable))
 
 
 def _error(status: int, code: str, message: str, *, field: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           fields: tuple[str, ...] = (), headers: dict[str, str] | None = None) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
-        error["field"] = field
+        error["field"] = field  # the first; "fields" lists every field at fault
+        error["fields"] = list(fields or (field,))
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 

@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import secrets
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -52,7 +53,40 @@ def redact(url: str) -> str:
 
 
 # -- serve ------------------------------------------------------------------------------
+def parse_port(value: str) -> int:
+    """A TCP port, 1 to 65535; anything else stops with one ``hub: error:`` line."""
+    try:
+        port = int(value)
+    except ValueError:
+        _fail(f"--port must be a number from 1 to 65535, got {value!r}")
+    if not 1 <= port <= 65535:
+        _fail(f"--port must be a number from 1 to 65535, got {port}")
+    return port
+
+
+def check_bind(host: str, port: int) -> None:
+    """Fail with one line, before anything starts, when ``host:port`` cannot be listened
+    on (in use, no permission, unknown host). uvicorn would report it only after the app's
+    start-up, with a traceback-free but late exit 3."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        _fail(f"cannot listen on {host}:{port}: unknown host ({exc})")
+    for family, kind, proto, _name, address in addresses:
+        probe = socket.socket(family, kind, proto)
+        try:
+            # As uvicorn binds: SO_REUSEADDR still refuses a port another socket listens on.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        finally:
+            probe.close()
+
+
 def _serve(args: argparse.Namespace) -> None:
+    args.port = parse_port(args.port)
     overrides: dict[str, Any] = {"redis_url": args.redis_url}
     if args.allowed_origins is not None:
         overrides["allowed_origins"] = tuple(
@@ -71,6 +105,7 @@ def _serve(args: argparse.Namespace) -> None:
     elif args.workers > 1:
         _fail("--workers needs REDIS_URL: with the memory backend each worker would be a "
               "separate hub that sees only its own events")
+    check_bind(args.host, args.port)
     if args.dev:
         _print_dev_banner(settings, args.host, args.port, dev_secret)
     from hub.server import run
@@ -118,13 +153,10 @@ def _print_dev_banner(settings: Settings, host: str, port: int, dev_secret: str 
         f"  viewer token: {viewer}",
         f"  admin token:  {admin}",
         "",
-        "  Listen on /ws/events (Python, the websockets library):",
-        "    python -c 'import asyncio, websockets",
-        "    async def main():",
-        f"        async with websockets.connect(\"ws://{base}/ws/events\", additional_headers="
-        f"{{\"Authorization\": \"Bearer {viewer}\"}}) as ws:",
-        "            async for message in ws: print(message)",
-        "    asyncio.run(main())'",
+        "  Listen on /ws/events (Python, the websockets library; one line, paste it whole):",
+        "    python -c 'from websockets.sync.client import connect; "
+        f"ws = connect(\"ws://{base}/ws/events\", additional_headers="
+        f"{{\"Authorization\": \"Bearer {viewer}\"}}); [print(m, flush=True) for m in ws]'",
         "",
         "  Publish a test event:",
         f"    curl -X POST http://{base}/events -H 'Authorization: Bearer {admin}' \\",
@@ -180,8 +212,8 @@ async def _publish_redis(redis_url: str, type_: str, data: Any) -> dict[str, Any
         async with Publisher.from_settings(settings, retry_for_s=5.0) as publisher:
             event = await publisher.publish(type_, data)
     except HubError as exc:
-        field = getattr(exc, "field", None)
-        _fail(f"{exc.message}" + (f" (field: {field})" if field else ""))
+        fields = getattr(exc, "fields", ())
+        _fail(f"{exc.message}" + (f" (fields: {', '.join(fields)})" if fields else ""))
     return {"id": event.id, "type": event.type, "timestamp": event.timestamp}
 
 
@@ -190,12 +222,16 @@ def _publish_http(url: str, token: str | None, type_: str, data: Any) -> dict[st
 
     from hub.auth import issue_token
 
-    token = token or os.environ.get("HUB_TOKEN")
+    source = "--token"
+    if not token and os.environ.get("HUB_TOKEN"):
+        token, source = os.environ["HUB_TOKEN"], "the HUB_TOKEN environment variable"
     if not token:
         try:
             settings = Settings.from_env()
             token = issue_token(settings, sub="hub-cli", role=settings.publisher_roles[0],
                                 ttl_s=300)
+            source = (f"minted here from {'JWT_SECRET' if settings.jwt_secret else 'the key'}"
+                      f" with role {settings.publisher_roles[0]!r}")
         except HubError as exc:
             _fail(f"no token to publish with: pass --token or set HUB_TOKEN ({exc.message})")
     try:
@@ -209,9 +245,12 @@ def _publish_http(url: str, token: str | None, type_: str, data: Any) -> dict[st
         body = {}
     if response.status_code != 202:
         error = body.get("error", {}) if isinstance(body, dict) else {}
-        field = error.get("field")
+        fields = error.get("fields") or ([error["field"]] if error.get("field") else [])
+        detail = f" (fields: {', '.join(map(str, fields))})" if fields else ""
+        if response.status_code in (401, 403):
+            detail += f"; the token came from {source}"
         _fail(f"publish refused ({response.status_code}): {error.get('message', response.text)}"
-              + (f" (field: {field})" if field else ""), code=1)
+              + detail, code=1)
     return dict(body)
 
 
@@ -222,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the hub")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", default="8000", help="TCP port, 1 to 65535")
     serve.add_argument("--redis-url", help="Redis for several instances (env REDIS_URL); "
                                            "without it, one process serves from memory")
     serve.add_argument("--allowed-origins", help="comma-separated browser origins "

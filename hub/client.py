@@ -16,7 +16,7 @@ Exceptions (all derive from :class:`~hub.exceptions.HubError`)::
 
     ClientError
     ├── AuthenticationFailed   the hub refused the token (close 4003)
-    ├── SubscriptionRefused    the hub refused the subscription (unknown type, bad id)
+    ├── SubscriptionRefused    the hub refused the subscription (malformed types, bad id)
     └── ConnectionLost         could not reconnect within ``retry_for`` seconds
 """
 
@@ -232,6 +232,12 @@ class Subscription:
                 self._notice(NoticeKind.CONNECTED, f"connected to {self.url} (instance "
                              f"{self.instance_id})", **data)
                 await self._subscribe(ws, data.get("event_types") or [])
+            elif kind == "subscription_updated" and data.get("unknown_event_types"):
+                # Not fatal: the known types apply, and the hub delivers the others once
+                # events of those types appear (the proxy publishes types of its own).
+                unknown = ", ".join(map(str, data["unknown_event_types"]))
+                self._notice(NoticeKind.ERROR, f"the hub knows no event type {unknown} (yet);"
+                             " subscribed to the others", code="unknown_event_type", **data)
             elif kind == "resumed":
                 replayed = data.get("replayed", 0)
                 self._notice(NoticeKind.RESUMED, f"resumed after {data.get('last_event_id')}: "

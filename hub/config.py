@@ -49,6 +49,10 @@ class Settings:
     tenant_claim: str = "tenant_id"
     legacy_channel: str = "koreshield:events"
     extra_event_types: tuple[str, ...] = ()
+    # The proxy's channel: strict refuses spec types whose data misses hub's schema and
+    # types not configured; by default both are delivered (see README "Drop-in for the proxy").
+    legacy_strict: bool = False
+    max_event_types: int = 64  # spec + extra + types learned from the channel or stream
     stream_key: str = "hub:events"
     socketio_channel: str = "socketio"
     instance_id: str = field(default_factory=_default_instance_id)
@@ -60,6 +64,10 @@ class Settings:
     max_connections: int = 10_000
     max_connections_per_user: int = 100
     shutdown_timeout_s: float = 10.0
+    # Refused /ws/events connections from one address answered with 4003 before it gets
+    # HTTP 403 before the handshake, and the quiet time that ends it (hub/refusals.py).
+    refusal_limit: int = 5
+    refusal_window_s: float = 60.0
     json_logs: bool = False
     # Engine.IO keepalive (python-engineio's defaults); clients learn them in the handshake.
     ping_interval_s: float = 25.0
@@ -155,7 +163,7 @@ class Settings:
                 )
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
-                     "max_connections_per_user"):
+                     "max_connections_per_user", "refusal_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",
@@ -166,6 +174,8 @@ class Settings:
         if self.ping_interval_s < 1:
             # python-engineio advertises the interval in whole seconds (rounded down).
             raise ConfigError("HUB_PING_INTERVAL_S must be at least 1 (seconds)")
+        if self.refusal_window_s <= 0:
+            raise ConfigError("HUB_REFUSAL_WINDOW_S must be a positive number")
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:
             raise ConfigError("HUB_CLIENT_RATE and HUB_SHUTDOWN_TIMEOUT_S must be positive, "
                               "HUB_JWT_LEEWAY_S not negative")
@@ -175,9 +185,16 @@ class Settings:
                     f"HUB_ALLOWED_ORIGINS entry {origin!r} is not an origin like "
                     "https://dash.example.com"
                 )
+        from hub.events import BUILTIN_TYPES, is_type_name
+
         for name in self.extra_event_types:
-            if not name.replace("_", "").replace(".", "").isalnum():
-                raise ConfigError(f"HUB_EXTRA_EVENT_TYPES entry {name!r} is not a valid type name")
+            if not is_type_name(name):
+                raise ConfigError(f"HUB_EXTRA_EVENT_TYPES entry {name!r} is not a valid type "
+                                  "name (1 to 64 letters, digits, _ . : -)")
+        configured = len(set(BUILTIN_TYPES) | set(self.extra_event_types))
+        if self.max_event_types < configured:
+            raise ConfigError(f"HUB_MAX_EVENT_TYPES must be at least {configured} (the spec's "
+                              "types and HUB_EXTRA_EVENT_TYPES)")
 
 
 _ENV_NAMES = {

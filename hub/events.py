@@ -7,11 +7,13 @@ Socket.IO packet text, so a broadcast to thousands of clients serialises it twic
 
 from __future__ import annotations
 
+import math
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
@@ -109,21 +111,58 @@ BUILTIN_VALIDATORS: Final[Mapping[str, Validator]] = {
 
 def format_timestamp(epoch_s: float) -> str:
     """RFC 3339 UTC with milliseconds and a ``Z``: ``2025-01-15T10:30:00.123Z``."""
-    moment = datetime.fromtimestamp(epoch_s, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return _format_utc(datetime.fromtimestamp(epoch_s, UTC))
+
+
+def _format_utc(moment: datetime) -> str:
+    # Not strftime: its %Y is not zero-padded for years before 1000 on every platform.
+    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+            f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z")
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# Epoch numbers above this are taken as milliseconds (in seconds it is the year 5138).
+_EPOCH_MS_ABOVE: Final = 1e11
 
 
 def parse_timestamp(value: object) -> str | None:
-    """Return ``value`` normalised to RFC 3339 UTC if it is a valid timestamp, else None."""
-    if not isinstance(value, str) or len(value) > 64:
-        return None
+    """``value`` as RFC 3339 UTC with milliseconds and a ``Z`` if it is a timestamp, else
+    None. Total: never raises, whatever ``value`` is.
+
+    Accepted: ISO 8601 / RFC 3339 text with any offset (``+00:00`` as Python's
+    ``isoformat()`` writes it, ``Z``, ``-05:00``), naive text (taken as UTC), and epoch
+    numbers or numeric text in seconds (as ``time.time()``) or milliseconds (above 1e11).
+    Moments that fall outside the years 1 to 9999 once in UTC are not timestamps."""
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int | float):
+            return _from_epoch(float(value))
+        if not isinstance(value, str) or len(value) > 64:
+            return None
+        text = value.strip()
+        try:
+            moment = datetime.fromisoformat(
+                text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
+        except ValueError:
+            try:
+                return _from_epoch(float(text))
+            except ValueError:
+                return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return _format_utc(moment.astimezone(UTC))
+    except (OverflowError, ValueError, OSError):
+        # e.g. 9999-12-31T23:59:59-23:59, which is in the year 10000 in UTC
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return format_timestamp(moment.timestamp())
+
+
+def _from_epoch(number: float) -> str | None:
+    if not math.isfinite(number):
+        return None
+    if abs(number) > _EPOCH_MS_ABOVE:
+        number /= 1000
+    return _format_utc(_EPOCH + timedelta(seconds=number))
 
 
 def id_key(event_id: str) -> tuple[int, int]:
@@ -225,36 +264,115 @@ class Event:
         return cls(id=event_id, type=raw["type"], timestamp=raw["timestamp"], data=raw["data"])
 
 
-class EventTypes:
-    """The event types an instance accepts and how each one's ``data`` is validated."""
+TYPE_NAME: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
-    def __init__(self, extra: Iterable[str] = ()) -> None:
+
+def is_type_name(value: object) -> bool:
+    """Whether ``value`` can name an event type: 1 to 64 letters, digits, ``_ . : -``
+    (type names become Socket.IO event names, room names and metric labels)."""
+    return isinstance(value, str) and TYPE_NAME.fullmatch(value) is not None
+
+
+class EventTypes:
+    """The event types an instance knows and how each one's ``data`` is validated.
+
+    Two kinds of names: the publishable ones (the spec's four and ``HUB_EXTRA_EVENT_TYPES``),
+    which ``POST /events`` and ``hub.publish`` accept, and, when types are ``open``, names
+    first seen on the proxy's channel or in the stream (:meth:`learn`), up to ``max_types``
+    in all. Clients can subscribe to both kinds."""
+
+    def __init__(self, extra: Iterable[str] = (), *, open_types: bool = False,
+                 max_types: int = 0) -> None:
         self._validators: dict[str, Validator] = dict(BUILTIN_VALIDATORS)
         for name in extra:
             self._validators.setdefault(name, _any_object)
+        self._learned: dict[str, None] = {}
+        self.open = open_types
+        self.max_types = max(max_types, len(self._validators))
 
     @property
     def names(self) -> tuple[str, ...]:
+        return (*self._validators, *self._learned)
+
+    @property
+    def publishable(self) -> tuple[str, ...]:
+        """The types ``POST /events`` and ``hub.publish`` accept."""
         return tuple(self._validators)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._validators
+        return name in self._validators or name in self._learned
 
     def unknown(self, names: Iterable[str]) -> list[str]:
-        return [n for n in names if n not in self._validators]
+        return [n for n in names if n not in self]
+
+    def learn(self, name: str) -> bool:
+        """Know ``name`` from now on (a type met on the legacy channel or in the stream).
+        False when types are closed, the name is not a type name, or ``max_types`` are
+        known already."""
+        if name in self:
+            return True
+        if not self.open or not is_type_name(name) or len(self.names) >= self.max_types:
+            return False
+        self._learned[name] = None
+        return True
 
     def validate(self, type_: object, data: object, *,
                  max_bytes: int) -> tuple[str, dict[str, Any]]:
         """Check an event before it is stamped. Returns ``(type, data)``; ``data`` is a copy
-        with generated fields (``threat_id``) filled in. Raises :class:`EventError`."""
+        with generated fields (``threat_id``) filled in. Raises :class:`EventError`; with
+        several faults, its message and ``fields`` name each of them."""
         if not isinstance(type_, str) or not type_:
+            if not isinstance(data, dict):
+                raise EventError("type is required and must be a string; "
+                                 "data must be a JSON object",
+                                 field="type", fields=("type", "data"))
             raise EventError("type is required and must be a string", field="type")
         validator = self._validators.get(type_)
         if validator is None:
+            message = (f"unknown event type {type_!r}; "
+                       f"known types: {', '.join(self._validators)}")
+            if not isinstance(data, dict):
+                raise EventError(message + "; data must be a JSON object", field="type",
+                                 code="unknown_event_type", fields=("type", "data"))
+            raise EventError(message, field="type", code="unknown_event_type")
+        data = self._check_data(data, max_bytes)
+        faults = _collect_faults(validator, data)
+        tenant = data.get("tenant_id")
+        if tenant is not None and not isinstance(tenant, str | int):
+            faults.append(EventError("data.tenant_id must be a string", field="data.tenant_id"))
+        if faults:
+            raise _combined(faults)
+        validator(data)  # fills in generated fields (threat_id)
+        return type_, data
+
+    def check_envelope(self, type_: object, data: object, *, max_bytes: int,
+                       strict: bool) -> tuple[str, dict[str, Any], bool]:
+        """Check an envelope from outside hub without changing its ``data``.
+
+        Returns ``(type, data, conforming)``. Any type name passes when types are open and
+        it can be learned; ``data`` must be a JSON object within ``max_bytes``. A known type
+        whose ``data`` misses its schema is ``conforming=False``; with ``strict`` that, and
+        an unknown type, raise :class:`EventError` instead."""
+        if not is_type_name(type_):
+            raise EventError("type is required and must be a type name (1 to 64 letters, "
+                             "digits, _ . : -)", field="type")
+        assert isinstance(type_, str)
+        clean = self._check_data(data, max_bytes)
+        validator = self._validators.get(type_)
+        if validator is None and (strict or not self.learn(type_)):
+            if strict or not self.open:
+                raise EventError(f"unknown event type {type_!r}", field="type",
+                                 code="unknown_event_type")
             raise EventError(
-                f"unknown event type {type_!r}; known types: {', '.join(self._validators)}",
-                field="type", code="unknown_event_type",
-            )
+                f"event type {type_!r} is new and {self.max_types} types are known already "
+                "(HUB_MAX_EVENT_TYPES)", field="type", code="too_many_event_types")
+        faults = _collect_faults(validator, clean) if validator is not None else []
+        if faults and strict:
+            raise _combined(faults)
+        return type_, clean, not faults
+
+    @staticmethod
+    def _check_data(data: object, max_bytes: int) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise EventError("data must be a JSON object", field="data")
         try:
@@ -264,12 +382,43 @@ class EventTypes:
         if size > max_bytes:
             raise EventError(f"data is {size} bytes, more than the limit of {max_bytes}",
                              field="data", code="event_too_large")
-        data = dict(data)
-        validator(data)
-        tenant = data.get("tenant_id")
-        if tenant is not None and not isinstance(tenant, str | int):
-            raise EventError("data.tenant_id must be a string", field="data.tenant_id")
-        return type_, data
+        return dict(data)
+
+
+def _collect_faults(validator: Validator, data: dict[str, Any]) -> list[EventError]:
+    """Every fault of ``data``, not only the first (``data`` is not changed): the validator
+    runs again on a copy with each field it complained about set to a valid placeholder,
+    until it passes (schemas have a handful of fields)."""
+    faults: list[EventError] = []
+    probe = dict(data)
+    for _ in range(len(_PLACEHOLDER) + 1):
+        try:
+            validator(probe)
+        except EventError as exc:
+            faults.append(exc)
+            placeholder = _PLACEHOLDER.get(exc.field.removeprefix("data."))
+            if placeholder is None:
+                break
+            probe[exc.field.removeprefix("data.")] = placeholder
+        else:
+            break
+    return faults
+
+
+# A value that satisfies each schema field, to look past one fault for the next one.
+_PLACEHOLDER: Final[dict[str, Any]] = {
+    "severity": "critical", "attack_type": "x", "confidence": 0.5, "action_taken": "blocked",
+    "provider": "x", "old_status": "unknown", "new_status": "unknown", "message": "x",
+    "status": "x", "threat_id": "thr_x", "threshold": 0, "current_cost": 0, "period": "x",
+    "rule_name": "x", "instance_id": "x", "version": "x",
+}
+
+
+def _combined(faults: list[EventError]) -> EventError:
+    if len(faults) == 1:
+        return faults[0]
+    return EventError("; ".join(f.message for f in faults), field=faults[0].field,
+                      code=faults[0].code, fields=tuple(f.field for f in faults))
 
 
 def now_timestamp() -> str:

@@ -42,13 +42,16 @@ class AuthError(HubError):
 
 
 class EventError(HubError):
-    """A published event is invalid; ``field`` names the part at fault."""
+    """A published event is invalid; ``field`` names the (first) part at fault, ``fields``
+    every one of them."""
 
     code = "invalid_event"
 
-    def __init__(self, message: str, *, field: str, code: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str, code: str | None = None,
+                 fields: tuple[str, ...] = ()) -> None:
         super().__init__(message, code=code)
         self.field = field
+        self.fields = fields or (field,)
 
 
 class ProtocolError(HubError):

@@ -46,7 +46,9 @@ class Metrics:
             registry=r)
         self.legacy = Counter(
             "hub_legacy_envelopes", "Envelopes read from the legacy Redis channel, by result "
-            "(appended: this instance entered it; duplicate: another instance did; invalid)",
+            "(appended: this instance entered it; duplicate: another instance did; invalid: "
+            "skipped; nonconforming: a spec type whose data misses hub's schema, delivered "
+            "all the same and counted besides appended/duplicate)",
             ["result"], registry=r)
         self.latency = Histogram(
             "hub_publish_to_send_seconds",

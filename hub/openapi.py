@@ -39,7 +39,8 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                                 "content": {"application/json": {"schema": error}}},
                         "413": {"description": "Body too large",
                                 "content": {"application/json": {"schema": error}}},
-                        "422": {"description": "Invalid event; `field` names the part at fault",
+                        "422": {"description": "Invalid event; `fields` lists every part at "
+                                               "fault, `field` is the first",
                                 "content": {"application/json": {"schema": error}}},
                         "503": {"description": "Backend (Redis) unavailable; retry",
                                 "content": {"application/json": {"schema": error}}},
@@ -97,7 +98,9 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                         "required": ["code", "message"],
                         "properties": {"code": {"type": "string"},
                                        "message": {"type": "string"},
-                                       "field": {"type": "string"}},
+                                       "field": {"type": "string"},
+                                       "fields": {"type": "array",
+                                                  "items": {"type": "string"}}},
                     }},
                 },
                 "Health": {

@@ -26,6 +26,12 @@ class Publisher:
 
     While Redis is unreachable, ``publish`` retries with jittered backoff for up to
     ``retry_for_s`` seconds, then raises :class:`~hub.exceptions.BackendUnavailable`.
+
+    By default it is as strict as ``POST /events``: the spec's types (and
+    ``extra_event_types``) only, each ``data`` checked against its schema. ``lenient=True``
+    makes it a drop-in for the proxy's own ``publish_event``: any type name, any JSON
+    object as ``data``, sent unchanged (hub instances deliver them as they do the
+    proxy's channel, counting none of them; their ``HUB_MAX_EVENT_TYPES`` still applies).
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class Publisher:
         extra_event_types: Iterable[str] = (),
         max_data_bytes: int = 64 * 1024,
         retry_for_s: float = 10.0,
+        lenient: bool = False,
     ) -> None:
         if (redis_url is None) == (redis is None):
             raise ValueError("give either redis_url or redis")
@@ -45,7 +52,8 @@ class Publisher:
         self.redis = redis if redis is not None else open_redis(redis_url or "")
         self._key = stream_key
         self._maxlen = history_size
-        self._types = EventTypes(extra_event_types)
+        self._lenient = lenient
+        self._types = EventTypes(extra_event_types, open_types=lenient, max_types=1_000)
         self._max_data_bytes = max_data_bytes
         self._retry_for_s = retry_for_s
 
@@ -60,7 +68,11 @@ class Publisher:
 
     async def publish(self, type_: str, data: dict[str, Any]) -> Event:
         """Validate and publish one event; return it with its id."""
-        name, clean = self._types.validate(type_, data, max_bytes=self._max_data_bytes)
+        if self._lenient:
+            name, clean, _ = self._types.check_envelope(
+                type_, data, max_bytes=self._max_data_bytes, strict=False)
+        else:
+            name, clean = self._types.validate(type_, data, max_bytes=self._max_data_bytes)
         event = Event(id="", type=name, timestamp=now_timestamp(), data=clean)
         body = event.body()
         deadline = time.monotonic() + self._retry_for_s

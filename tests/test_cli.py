@@ -109,7 +109,8 @@ async def test_publish_errors_name_the_field(memory_hub: object) -> None:
     bad = await run_cli_async("publish", "threat_detected", "--data", '{"severity": "high"}',
                               "--url", url, env={"JWT_SECRET": SECRET})
     assert bad.returncode == 1
-    assert "field: data.attack_type" in bad.stderr
+    # Every field at fault, not only the first.
+    assert "fields: data.attack_type, data.confidence, data.action_taken" in bad.stderr
     assert "Traceback" not in bad.stderr
     not_json = await run_cli_async("publish", "threat_detected", "--data", "{", "--url", url,
                        env={"JWT_SECRET": SECRET})
@@ -163,3 +164,81 @@ async def test_sigterm_announces_shutdown_flushes_and_closes_with_1001(tmp_path:
     assert hub.process.wait(30) in (0, -signal.SIGTERM)
     assert "Traceback" not in hub.log()
     assert SECRET not in hub.log()
+
+
+# -- the first run ----------------------------------------------------------------------
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "eighty"])
+def test_bad_ports_stop_with_one_line(port: str) -> None:
+    result = run_cli("serve", "--dev", "--port", port)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"hub: error: --port must be a number from 1 to 65535, got "
+        f"{port if port.lstrip('-').isdigit() else repr(port)}")
+    assert result.stdout == ""  # no banner, nothing started
+
+
+def test_a_port_in_use_stops_with_one_line_before_anything_starts() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--dev", "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"hub: error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "started" not in result.stdout + result.stderr
+    assert "viewer token" not in result.stdout  # the banner would promise a hub that is not there
+
+
+async def test_dev_banner_snippets_run_when_pasted(tmp_path: Path) -> None:
+    hub = start_hub_process({}, "--dev", tmp_path=tmp_path)
+    listener = None
+    try:
+        lines = hub.log().splitlines()
+        python_line = next(line.strip() for line in lines if line.strip().startswith("python"))
+        start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl"))
+        curl = [lines[start]]
+        while curl[-1].rstrip().endswith("\\"):
+            curl.append(lines[start + len(curl)])
+        # Pasted into a shell as printed (the indent included).
+        listener = await asyncio.create_subprocess_shell(
+            python_line, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=_env(None), start_new_session=True)
+        assert listener.stdout is not None
+        hello = json.loads(await asyncio.wait_for(listener.stdout.readline(), 30))
+        assert hello["type"] == "connection_established"
+        posted = await asyncio.create_subprocess_shell(
+            "\n".join(curl), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(posted.communicate(), 30)
+        assert posted.returncode == 0, err
+        published = json.loads(out)
+        while True:
+            message = json.loads(await asyncio.wait_for(listener.stdout.readline(), 30))
+            if message["type"] == "threat_detected":
+                break
+        assert message["id"] == published["id"]
+    finally:
+        if listener is not None and listener.returncode is None:
+            os.killpg(listener.pid, signal.SIGKILL)  # the shell and the python it started
+            await listener.wait()
+        hub.process.terminate()
+        hub.process.wait(20)
+
+
+async def test_a_refused_publish_says_where_its_token_came_from(memory_hub: object) -> None:
+    url = memory_hub.url  # type: ignore[attr-defined]
+    viewer = make_token(role="viewer")
+    from_env = await run_cli_async("publish", "threat_detected", "--data", json.dumps(THREAT),
+                                   "--url", url, env={"HUB_TOKEN": viewer})
+    assert from_env.returncode == 1
+    assert "publish refused (403)" in from_env.stderr
+    assert "the token came from the HUB_TOKEN environment variable" in from_env.stderr
+    assert viewer not in from_env.stderr
+    from_flag = await run_cli_async("publish", "threat_detected", "--data", json.dumps(THREAT),
+                                    "--url", url, "--token", "not-a-jwt",
+                                    env={"HUB_TOKEN": viewer})
+    assert from_flag.returncode == 1
+    assert "publish refused (401)" in from_flag.stderr
+    assert "the token came from --token" in from_flag.stderr

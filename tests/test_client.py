@@ -127,9 +127,34 @@ async def test_expired_token_raises(memory_hub: RunningHub) -> None:
     assert info.value.code == "authentication_failed"
 
 
-async def test_unknown_type_is_refused(memory_hub: RunningHub) -> None:
-    with pytest.raises(SubscriptionRefused, match="unknown event type"):
-        async for _ in subscribe(memory_hub.url, make_token(), types=["nope"]):
+async def test_unknown_type_is_reported_and_the_known_ones_apply(memory_hub: RunningHub) -> None:
+    notices: list[Notice] = []
+    reported = asyncio.Event()
+
+    def note(notice: Notice) -> None:
+        notices.append(notice)
+        if notice.kind is NoticeKind.ERROR:
+            reported.set()
+
+    async def first_event() -> Event:
+        async for event in subscribe(memory_hub.url, make_token(),
+                                     types=["nope", "threat_detected"], on_notice=note):
+            return event
+        raise AssertionError("the stream ended")
+
+    task = asyncio.create_task(first_event())
+    await asyncio.wait_for(reported.wait(), 10)
+    threat = await memory_hub.publish("threat_detected", THREAT)
+    assert (await asyncio.wait_for(task, 10)).id == threat.id
+    [error] = [n for n in notices if n.kind is NoticeKind.ERROR]
+    assert "nope" in error.message
+    assert error.data["unknown_event_types"] == ["nope"]
+
+
+async def test_a_malformed_subscription_is_refused(memory_hub: RunningHub) -> None:
+    with pytest.raises(SubscriptionRefused, match="more than 64"):
+        async for _ in subscribe(memory_hub.url, make_token(),
+                                 types=[f"type{n}" for n in range(65)]):
             pass
 
 

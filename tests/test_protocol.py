@@ -101,7 +101,8 @@ def test_timestamps() -> None:
     assert parse_timestamp("2025-01-15T10:30:00Z") == "2025-01-15T10:30:00.000Z"
     assert parse_timestamp("2025-01-15T11:30:00+01:00") == "2025-01-15T10:30:00.000Z"
     assert parse_timestamp("yesterday") is None
-    assert parse_timestamp(12) is None
+    assert parse_timestamp(12) == "1970-01-01T00:00:12.000Z"  # epoch seconds (the proxy's)
+    assert parse_timestamp(True) is None
 
 
 def test_ids_sort_numerically() -> None:

@@ -89,7 +89,7 @@ async def test_legacy_channel_envelopes_reach_each_client_exactly_once(
     await wait_until(lambda: raw.pubsub_numsub(channel)[0][1] >= 2,
                      what="both instances to subscribe to the legacy channel")
     raw.publish(channel, b"{not json")
-    raw.publish(channel, orjson.dumps({"type": "threat_detected", "data": {"severity": "x"}}))
+    raw.publish(channel, orjson.dumps({"type": "threat_detected", "data": ["not an object"]}))
     for n in range(3):
         raw.publish(channel, orjson.dumps({
             "type": "threat_detected", "timestamp": "2025-01-15T10:30:00Z",

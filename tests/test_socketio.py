@@ -58,7 +58,7 @@ async def test_subscribe_and_unsubscribe_acknowledge(any_hub: RunningHub) -> Non
 
 
 @pytest.mark.parametrize(("payload", "code"), [
-    ({"event_types": ["nope"]}, "unknown_event_type"),
+    ({"event_types": [None]}, "invalid_event_types"),
     ({"event_types": "threat_detected"}, "invalid_event_types"),
     ("threat_detected", "not_an_object"),
     (None, "not_an_object"),  # an emit without arguments once left the client without ack
@@ -215,7 +215,8 @@ async def test_fuzzed_socketio_events_never_break_the_socket(
             await client.client.emit(name, payload)  # no handler: ignored
             continue
         ack = await client.call(name, payload)
-        assert set(ack) in ({"subscribed_to"}, {"error"}) or "replayed" in ack
+        assert (set(ack) in ({"subscribed_to"}, {"subscribed_to", "unknown_event_types"},
+                             {"error"}) or "replayed" in ack)
     # Still connected and still delivering.
     await client.call("subscribe", {"event_types": ["threat_detected"]})
     event = await memory_hub.publish("threat_detected", THREAT)

@@ -189,6 +189,6 @@ def test_workers_need_a_free_port(own_redis: RedisServer) -> None:
              "--redis-url", own_redis.url],
             env={**os.environ, "JWT_SECRET": SECRET}, capture_output=True, text=True,
             timeout=30)
-    assert result.returncode == 3
+    assert result.returncode == 2  # checked before anything starts (hub/cli.py check_bind)
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

@@ -464,6 +464,9 @@ class SocketIOTransport:
         except AuthError as exc:
             hub.metrics.auth_failures.labels(exc.code).inc()
             self._close_after_refusal(sid)
+            client = (environ.get("asgi.scope") or {}).get("client")  # REMOTE_ADDR is fixed
+            hub.refusals.refuse("Socket.IO", client[0] if client else None, exc.code,
+                                early_answer=False)
             raise socketio.exceptions.ConnectionRefusedError(
                 "unauthorized", {"code": 4003, "reason": exc.code, "message": exc.message}
             ) from None
@@ -582,7 +585,7 @@ class SocketIOTransport:
                                     code="not_an_object")
             types = dispatcher.check_types(payload.get("event_types"))
             dispatcher.subscribe(conn, types)
-            ack: dict[str, Any] = {"subscribed_to": dispatcher.subscribed_to(conn)}
+            ack: dict[str, Any] = dispatcher.subscription_reply(conn, types)
             if payload.get("last_event_id") is not None:
                 result = await self._resume(conn, payload["last_event_id"])
                 ack.update(replayed=result["replayed"], truncated=result["truncated"],
@@ -599,10 +602,11 @@ class SocketIOTransport:
         try:
             if not isinstance(data, dict):
                 raise ProtocolError("unsubscribe takes {event_types}", code="not_an_object")
-            dispatcher.unsubscribe(conn, dispatcher.check_types(data.get("event_types")))
+            types = dispatcher.check_types(data.get("event_types"))
+            dispatcher.unsubscribe(conn, types)
         except ProtocolError as exc:
             return _error(exc)
-        return {"subscribed_to": dispatcher.subscribed_to(conn)}
+        return dispatcher.subscription_reply(conn, types)
 
     async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:
         return (await self.hub.dispatcher.resume(conn, last_event_id)).message()

@@ -28,6 +28,7 @@ from hub.exceptions import ProtocolError
 from hub.limits import TokenBucket
 from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
 from hub.protocol import server_message as control
+from hub.refusals import Answer
 from hub.transports.frames import frame_sink, text_frame, write_queued
 
 if TYPE_CHECKING:
@@ -179,7 +180,11 @@ class PlainTransport:
         headers = websocket.headers
         if not origin_allowed(headers.get("origin"), headers.get("host"),
                               settings.allowed_origins):
-            await self._refuse(websocket, "origin_not_allowed", "origin not allowed")
+            try:  # only to name the user in the log
+                user: str | None = hub.verifier.verify(token_from_headers(headers)).user_id
+            except AuthError:
+                user = None
+            await self._refuse(websocket, "origin_not_allowed", "origin not allowed", user)
             return
         try:
             principal = hub.verifier.verify(token_from_headers(headers))
@@ -197,10 +202,19 @@ class PlainTransport:
         finally:
             hub.limits.release(principal.user_id)
 
-    async def _refuse(self, websocket: WebSocket, reason: str, message: str) -> None:
+    async def _refuse(self, websocket: WebSocket, reason: str, message: str,
+                      user: str | None = None) -> None:
+        self.hub.metrics.auth_failures.labels(reason).inc()
+        client = websocket.client
+        answer = self.hub.refusals.refuse("/ws/events", client.host if client else None,
+                                          reason, user)
+        if answer is Answer.HTTP_403:
+            # Before the accept: uvicorn answers HTTP 403, which clients count as a failed
+            # attempt (their backoff grows) and which costs no WebSocket session.
+            await websocket.close(CloseCode.UNAUTHORIZED)
+            return
         # Accept, then close: a close before accept becomes an HTTP 403 that clients
         # report as 1006, and the spec promises them 4003.
-        self.hub.metrics.auth_failures.labels(reason).inc()
         await websocket.accept()
         await _close(websocket, CloseCode.UNAUTHORIZED, message)
 
@@ -296,8 +310,7 @@ class PlainTransport:
             dispatcher.subscribe(conn, types)
         else:
             dispatcher.unsubscribe(conn, types)
-        conn.enqueue(control("subscription_updated",
-                             {"subscribed_to": dispatcher.subscribed_to(conn)}))
+        conn.enqueue(control("subscription_updated", dispatcher.subscription_reply(conn, types)))
         if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
             await self._resume(conn, message.last_event_id)
 
