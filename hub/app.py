@@ -54,6 +54,9 @@ class Hub:
             max_data_bytes=settings.max_data_bytes,
             max_subscribe_types=settings.max_subscribe_types,
             batch=coalesced_writes,
+            # Never more than the history retains: a replay from the window must not
+            # outlive what a replay from the backend would find.
+            replay_window=min(settings.replay_window, settings.history_size),
         )
         self.websocket = PlainTransport(self)
         self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
@@ -66,7 +69,8 @@ class Hub:
         from hub.dispatch.redis import RedisBackend, open_redis
 
         owns = redis is None
-        client = redis if redis is not None else open_redis(settings.redis_url or "")
+        client = redis if redis is not None else open_redis(
+            settings.redis_url or "", settings.redis_max_connections)
         return RedisBackend(
             client, owns_client=owns, stream_key=settings.stream_key,
             history_size=settings.history_size, socketio_channel=settings.socketio_channel,
@@ -76,6 +80,7 @@ class Hub:
             on_reconnect=self.metrics.redis_reconnects.inc,
             on_spool_overflow=lambda: self.metrics.dropped.labels("spool_full").inc(),
             on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
+            history_concurrency=settings.history_concurrency,
         )
 
     def _parse_legacy(self, raw: bytes) -> Any:

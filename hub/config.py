@@ -61,6 +61,13 @@ class Settings:
     max_connections_per_user: int = 100
     shutdown_timeout_s: float = 10.0
     json_logs: bool = False
+    # Resumes: the recent events each instance keeps for replays without a Redis call; how
+    # many history reads may use Redis at once (the rest queue); the Redis pool's size; how
+    # long a new connection holds live events waiting for a subscribe that may resume.
+    replay_window: int = 2_000
+    history_concurrency: int = 8
+    redis_max_connections: int = 100
+    resume_hold_s: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -144,9 +151,11 @@ class Settings:
                 )
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
-                     "max_connections_per_user"):
+                     "max_connections_per_user", "history_concurrency", "redis_max_connections"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
+        if self.replay_window < 0 or self.resume_hold_s < 0:
+            raise ConfigError("HUB_REPLAY_WINDOW and HUB_RESUME_HOLD_S must not be negative")
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:
             raise ConfigError("HUB_CLIENT_RATE and HUB_SHUTDOWN_TIMEOUT_S must be positive, "
                               "HUB_JWT_LEEWAY_S not negative")

@@ -52,6 +52,14 @@ class Metrics:
             "hub_publish_to_send_seconds",
             "From the event's timestamp to its hand-off to the local outboxes",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.resumes = Counter(
+            "hub_resumes", "Resumes by result (ok, truncated, unavailable: history unreachable "
+            "after retries, refused: bad id or one already running)", ["result"], registry=r)
+        self.replay_pages = Counter(
+            "hub_replay_pages", "Replay pages sent, by source (window: this instance's recent "
+            "events, no Redis call; backend: read from the history)", ["source"], registry=r)
+        self.history_retries = Counter(
+            "hub_history_retries", "History reads retried after a failure", registry=r)
         for transport in ("websocket", "socketio"):
             # Export zeros from the start, so dashboards show 0 rather than "no data".
             self.connections.labels(transport)
