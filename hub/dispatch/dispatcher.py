@@ -32,8 +32,8 @@ REPLAY_PAGE = 500
 HISTORY_RETRY_DELAYS = (0.1, 0.5, 1.5)
 # Pages read recently, shared by resumes asking for the same one (a reconnect storm asks
 # for the same few pages thousands of times): how many are kept, and for how long.
-SHARED_PAGES = 8
-SHARED_PAGE_TTL_S = 2.0
+SHARED_PAGES = 4
+SHARED_PAGE_TTL_S = 1.0
 # How long a replay waits for room before it checks whether the connection is gone.
 ROOM_POLL_S = 1.0
 
@@ -67,7 +67,7 @@ class Dispatcher:
         self._last_delivered: tuple[int, int] = (0, 0)
         self.window = ReplayWindow(replay_window)
         # History pages being read or read lately: after-id → (when issued, the read).
-        self._pages: dict[str, tuple[float, asyncio.Task[History]]] = {}
+        self._pages: dict[tuple[str, int], tuple[float, asyncio.Task[History]]] = {}
 
     async def start(self) -> None:
         await self.backend.start(self._deliver, self._batch)
@@ -274,7 +274,7 @@ class Dispatcher:
                 end_id = events[-1].id if events else cursor_id
                 self.metrics.replay_pages.labels("window").inc()
             else:
-                history, issued = await self._history_page(cursor_id, began)
+                history, issued = await self._history_page(cursor_id, limit, began)
                 if history.truncated:
                     if first:
                         truncated, first_retained = True, history.first_retained
@@ -307,12 +307,15 @@ class Dispatcher:
             break
         return ResumeResult(after, replayed, truncated, first_retained)
 
-    async def _history_page(self, after: str, began: float) -> tuple[History, float]:
-        """One page of the backend's history after ``after``, shared with other resumes
-        that ask for it: a full page is good whenever it was read; one that reached the
-        head only if read after the asking replay began. Reads are retried."""
+    async def _history_page(self, after: str, limit: int, began: float
+                            ) -> tuple[History, float]:
+        """A page of at most ``limit`` events of the backend's history after ``after``,
+        shared with other resumes that ask for it: a full page is good whenever it was
+        read; one that reached the head only if read after the asking replay began. Reads
+        are retried."""
         now = time.monotonic()
-        shared = self._pages.get(after)
+        key = (after, limit)
+        shared = self._pages.get(key)
         if shared is not None:
             issued, task = shared
             failed = task.done() and (task.cancelled() or task.exception() is not None)
@@ -323,15 +326,15 @@ class Dispatcher:
             del self._pages[key]
         while len(self._pages) >= SHARED_PAGES:
             del self._pages[next(iter(self._pages))]
-        task = asyncio.get_running_loop().create_task(self._read_history(after))
+        task = asyncio.get_running_loop().create_task(self._read_history(after, limit))
         task.add_done_callback(_retrieve)
-        self._pages[after] = (now, task)
+        self._pages[key] = (now, task)
         return await asyncio.shield(task), now
 
-    async def _read_history(self, after: str) -> History:
+    async def _read_history(self, after: str, limit: int) -> History:
         for delay in (*HISTORY_RETRY_DELAYS, None):
             try:
-                return await self.backend.history(after, limit=REPLAY_PAGE)
+                return await self.backend.history(after, limit=limit)
             except BackendUnavailable as exc:
                 if delay is None:
                     raise
