@@ -224,3 +224,47 @@ async def test_a_viewer_that_never_reads_cannot_grow_memory_with_resumes(
         if client is not None:
             client.close()
         stop_process(hub.process)
+
+
+async def test_resumes_queue_for_a_small_pool_and_are_retried_then_refused_clearly(
+        own_redis: RedisServer) -> None:
+    """80 resumes at once from 80 different ids, no replay window, a Redis pool of 4 and
+    2 history reads at a time: all are served (queued, none refused for lack of a
+    connection). Then with Redis gone, a resume is retried, counted, and the client is
+    told `history_unavailable`; live events go on."""
+    settings = settings_with({"HUB_REPLAY_WINDOW": "0", "HUB_REDIS_MAX_CONNECTIONS": "4",
+                              "HUB_HISTORY_CONCURRENCY": "2"}, redis_url=own_redis.url)
+    async with run_hub(settings) as running:
+        events = [await running.publish("threat_detected", {**THREAT, "n": n})
+                  for n in range(100)]
+
+        async def resume(start: int) -> list[int]:
+            ws = await connected(running.ws_url, make_token())
+            await send_json(ws, {"action": "subscribe", "event_types": ["threat_detected"],
+                                 "last_event_id": events[start].id})
+            seen = []
+            while (message := await recv_json(ws, 30))["type"] != "resumed":
+                assert message["type"] != "error", message
+                if message["type"] == "threat_detected":
+                    seen.append(message["data"]["n"])
+            await ws.close()
+            return seen
+
+        results = await asyncio.gather(*(resume(i) for i in range(80)))
+        assert results == [list(range(i + 1, 100)) for i in range(80)]
+
+        ws = await connected(running.ws_url, make_token())
+        own_redis.stop()
+        await send_json(ws, {"action": "subscribe", "event_types": ["threat_detected"],
+                             "last_event_id": events[0].id})
+        while (message := await recv_json(ws, 30))["type"] != "error":
+            pass
+        assert message["data"]["code"] == "history_unavailable"
+        metrics = running.hub.metrics
+        assert metrics.history_retries._value.get() == 3
+        assert metrics.resumes.labels("unavailable")._value.get() == 1
+        live = await running.publish("threat_detected", {**THREAT, "n": "live"})
+        while (message := await recv_json(ws, 30)).get("id") != live.id:
+            pass
+        await ws.close()
+        own_redis.start()
