@@ -19,35 +19,43 @@ from hub.events import Event
 
 
 class ReplayWindow:
-    """The last ``size`` delivered events (``size`` 0: no window)."""
+    """The last ``size`` delivered events (``size`` 0: no window), and no more than
+    ``max_bytes`` of envelope text (events may be up to 64 KB each; the window must stay
+    small whatever they weigh)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int = 16 << 20) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self._events: list[Event] = []
         self._keys: list[tuple[int, int]] = []
+        self._sizes: list[int] = []
+        self._bytes = 0
+        self._start = 0  # index of the oldest entry kept (trimmed lazily, in bulk)
 
     def __len__(self) -> int:
         return len(self._keys) - self._start
-
-    _start = 0  # index of the oldest live entry (trimmed lazily, in bulk)
 
     def add(self, event: Event) -> None:
         if self.size <= 0:
             return
         key = event.key
-        keys = self._keys
-        if len(keys) > self._start and key <= keys[-1]:
+        if len(self._keys) > self._start and key <= self._keys[-1]:
             # Out of order (never expected): drop what the window can no longer vouch for.
-            self._events, self._keys, self._start = [], [], 0
-            keys = self._keys
+            self._events, self._keys, self._sizes = [], [], []
+            self._bytes = self._start = 0
+        size = len(event.text)  # encoded once for delivery anyway
         self._events.append(event)
-        keys.append(key)
-        if len(keys) - self._start > self.size:
+        self._keys.append(key)
+        self._sizes.append(size)
+        self._bytes += size
+        while len(self) > 1 and (len(self) > self.size or self._bytes > self.max_bytes):
+            self._bytes -= self._sizes[self._start]
             self._start += 1
-            if self._start >= self.size:  # compact now and then, not on every event
-                del self._events[:self._start]
-                del keys[:self._start]
-                self._start = 0
+        if self._start >= max(self.size, 64):  # compact now and then, not on every event
+            del self._events[:self._start]
+            del self._keys[:self._start]
+            del self._sizes[:self._start]
+            self._start = 0
 
     def covers(self, after: tuple[int, int]) -> bool:
         """Whether every delivered event with an id greater than ``after`` is here."""
