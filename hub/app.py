@@ -112,6 +112,7 @@ class Hub:
         event = await self._announce("shutdown", "instance shutting down")
         if event is not None:
             await self.dispatcher.wait_delivered(event, timeout=2.0)
+        self.dispatcher.release_holds()
         await asyncio.gather(self.websocket.shutdown(), self.socketio.shutdown())
 
     async def stop(self) -> None:

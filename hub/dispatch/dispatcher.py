@@ -203,6 +203,12 @@ class Dispatcher:
         sub.types = new
         sub.rooms_changed(new - old, old - new)
 
+    def release_holds(self) -> None:
+        """Stop holding live events for first messages (a graceful stop: what is held,
+        the shutdown notice included, must go out before the close)."""
+        for sub in {sub for members in self.rooms.values() for sub in members}:
+            sub.first_message_seen()
+
     # -- resume -------------------------------------------------------------------------
     def _begin_resume(self, sub: Subscriber, last_event_id: object) -> str:
         """Check the request and start holding live events, synchronously: nothing may
