@@ -265,9 +265,9 @@ async def test_a_viewer_that_never_reads_cannot_grow_memory_with_resumes(
 
 async def test_resumes_queue_for_a_small_pool_and_are_retried_then_refused_clearly(
         own_redis: RedisServer) -> None:
-    """80 resumes at once from 80 different ids, no replay window, a Redis pool of 6 (3 held by the readers) and
-    2 history reads at a time: all are served (queued, none refused for lack of a
-    connection). Then with Redis gone, a resume is retried, counted, and the client is
+    """80 resumes at once from 80 different ids, no replay window, a Redis pool of 6 (the
+    readers hold 3) and 2 history reads at a time: all are served (queued, none refused
+    for lack of a connection). Then with Redis gone, a resume is retried, counted, and the client is
     told `history_unavailable`; live events go on."""
     settings = settings_with({"HUB_REPLAY_WINDOW": "0", "HUB_REDIS_MAX_CONNECTIONS": "6",
                               "HUB_HISTORY_CONCURRENCY": "2"}, redis_url=own_redis.url)
