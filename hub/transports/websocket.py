@@ -77,7 +77,8 @@ class PlainConnection(Subscriber):
 
     @property
     def closed(self) -> bool:
-        return self._closed or super().closed
+        # Closing after a flush (shutdown) takes nothing more: a replay stops there.
+        return self._closed or self._close_after_flush is not None or super().closed
 
     def _send(self, event: Event, replay: bool = False) -> None:
         self._put(event.frame if self._sink is not None else event.text, bounded=not replay)
