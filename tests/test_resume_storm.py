@@ -127,8 +127,16 @@ async def test_reconnect_storm_every_client_gets_exactly_its_missed_events(
             live = asyncio.create_task(publish_live())
             clients.extend(await asyncio.gather(*(reconnect(i) for i in range(CLIENTS))))
             connected_s = time.monotonic() - started
-            await until(lambda: all(len(t.ids) >= MISSED for t in trackers),
-                        "every client to catch up")
+            try:
+                await until(lambda: all(len(t.ids) >= MISSED for t in trackers),
+                            "every client to catch up", timeout=60)
+            except AssertionError:
+                refused = sum(1 for t in trackers if t.errors)
+                behind = sum(1 for t in trackers if len(t.ids) < MISSED)
+                raise AssertionError(f"{behind} of {CLIENTS} clients never caught up, "
+                                     f"{refused} got an error or notice, e.g. "
+                                     f"{next((t.errors for t in trackers if t.errors), None)}"
+                                     ) from None
             caught_up_s = time.monotonic() - started
             await live
             await until(lambda: all(len(t.ids) >= MISSED + LIVE for t in trackers),
