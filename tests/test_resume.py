@@ -158,6 +158,47 @@ async def test_a_second_resume_while_one_runs_is_refused_and_the_first_completes
     assert [m["type"] for m in messages].count("resumed") == 1
 
 
+@pytest.mark.parametrize("source", ["window", "redis"])
+async def test_live_events_past_the_hold_bound_during_a_stalled_replay_are_read_again(
+        source: str, redis_server: RedisServer) -> None:
+    """A replay stalled by a client that does not read while live events keep coming:
+    what is held stops at the bound (the outbox limit), the rest is dropped and read
+    again from the history (the window, or Redis pages with no window); once the client
+    reads, it gets everything exactly once, in order."""
+    limit = 10
+    overrides: dict[str, Any] = {"outbox_limit": limit}
+    env = {}
+    if source == "redis":
+        overrides["redis_url"] = redis_server.url
+        env["HUB_REPLAY_WINDOW"] = "0"
+    async with run_hub(settings_with(env, **overrides)) as running:
+        first = await running.publish("threat_detected", THREAT)
+        pad = "x" * 10_000  # 10 MB: the replay stalls (see the test above)
+        for n in range(1, 1001):
+            last = await running.publish("threat_detected", {**THREAT, "n": n, "pad": pad})
+        assert await running.hub.dispatcher.wait_delivered(last, 10)
+        client = await RawClient.connect(running.port, make_token(), rcvbuf=4096)
+        client.pause()
+        client.send_json({"action": "subscribe", "event_types": ["threat_detected"],
+                          "last_event_id": first.id})
+        conns = running.hub.websocket.connections
+        await wait_until(lambda: any(c.resuming for c in conns), what="the replay to start")
+        for n in range(1001, 1051):  # five times what may be held
+            last = await running.publish("threat_detected", {**THREAT, "n": n})
+        assert await running.hub.dispatcher.wait_delivered(last, 10)
+        assert all(c.resuming and len(c._held) <= limit for c in conns)
+        assert any(c.held_overflow for c in conns)
+        client.resume()
+        await wait_until(lambda: any(m.get("type") == "resumed" for m in client.messages),
+                         timeout=30, what="the replay to finish")
+        tail = await running.publish("threat_detected", {**THREAT, "n": 1051})
+        await wait_until(lambda: any(m.get("id") == tail.id for m in client.messages),
+                         what="a live event after the replay")
+        client.close()
+    events = [m["data"]["n"] for m in client.messages if m["type"] == "threat_detected"]
+    assert events == list(range(1, 1052))
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -305,3 +346,33 @@ async def test_resumes_queue_for_a_small_pool_and_are_retried_then_refused_clear
             pass
         await ws.close()
         own_redis.start()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_history_pages_cover_everything_once(backend: str, own_redis: RedisServer
+                                                   ) -> None:
+    """Backend.history(after, limit): pages of `limit` that chain on `last_id` return every
+    event once, `more` until the last; on Redis, from an id still retained, one XRANGE
+    per page and no XINFO."""
+    redis = {"redis_url": own_redis.url} if backend == "redis" else {}
+    async with run_hub(make_settings(**redis)) as running:
+        events = [await running.publish("threat_detected", {**THREAT, "n": n})
+                  for n in range(25)]
+        raw = own_redis.client()
+        raw.config_resetstat()
+        history = running.hub.dispatcher.backend
+        after, got, pages = events[0].id, [], []
+        while True:
+            page = await history.history(after, limit=7)
+            got += [e.id for e in page.events]
+            pages.append((len(page.events), page.more, page.truncated))
+            if not page.more:
+                break
+            after = page.last_id
+        assert got == [e.id for e in events[1:]]
+        assert pages == [(7, True, False)] * 3 + [(3, False, False)]
+        if backend == "redis":
+            stats = raw.info("commandstats")
+            assert stats["cmdstat_xrange"]["calls"] == 4
+            assert "cmdstat_xinfo|stream" not in stats and "cmdstat_xinfo" not in stats
+        raw.close()

@@ -350,8 +350,9 @@ class RedisBackend(Backend):
     async def history(self, after: str, limit: int | None = None) -> History:
         # From ``after`` itself: when that entry is still there, nothing after it was
         # trimmed, so the common resume (from an id the client saw) is one XRANGE, with no
-        # XINFO. ``limit + 1``: the entry itself may come first.
-        count = None if limit is None else limit + 1
+        # XINFO. ``limit + 2``: the entry itself may come first, and one more than the page
+        # says whether more follow.
+        count = None if limit is None else limit + 2
         try:
             async with self._history_slots:
                 entries = await self.redis.xrange(self._key, min=after, max="+", count=count)
