@@ -59,6 +59,9 @@ class Hub:
             max_subscribe_types=settings.max_subscribe_types,
             batch=coalesced_writes,
             legacy_strict=settings.legacy_strict,
+            # Never more than the history retains: a replay from the window must not
+            # outlive what a replay from the backend would find.
+            replay_window=min(settings.replay_window, settings.history_size),
         )
         self.websocket = PlainTransport(self)
         self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
@@ -71,7 +74,8 @@ class Hub:
         from hub.dispatch.redis import RedisBackend, open_redis
 
         owns = redis is None
-        client = redis if redis is not None else open_redis(settings.redis_url or "")
+        client = redis if redis is not None else open_redis(
+            settings.redis_url or "", settings.redis_max_connections)
         return RedisBackend(
             client, owns_client=owns, stream_key=settings.stream_key,
             history_size=settings.history_size, socketio_channel=settings.socketio_channel,
@@ -81,6 +85,7 @@ class Hub:
             on_reconnect=self.metrics.redis_reconnects.inc,
             on_spool_overflow=lambda: self.metrics.dropped.labels("spool_full").inc(),
             on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
+            history_concurrency=settings.history_concurrency,
         )
 
     def _parse_legacy(self, raw: bytes) -> Any:
@@ -112,6 +117,7 @@ class Hub:
         event = await self._announce("shutdown", "instance shutting down")
         if event is not None:
             await self.dispatcher.wait_delivered(event, timeout=2.0)
+        self.dispatcher.release_holds()
         await asyncio.gather(self.websocket.shutdown(), self.socketio.shutdown())
 
     async def stop(self) -> None:

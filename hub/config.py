@@ -80,6 +80,13 @@ class Settings:
     # A Socket.IO transport being closed (slow consumer, expiry, ping timeout) is aborted
     # after this long if its peer does not read the close.
     close_timeout_s: float = 5.0
+    # Resumes: the recent events each instance keeps for replays without a Redis call; how
+    # many history reads may use Redis at once (the rest queue); the Redis pool's size; how
+    # long a new connection holds live events waiting for a subscribe that may resume.
+    replay_window: int = 2_000
+    history_concurrency: int = 8
+    redis_max_connections: int = 100
+    resume_hold_s: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -163,7 +170,8 @@ class Settings:
                 )
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
-                     "max_connections_per_user", "refusal_limit"):
+                     "max_connections_per_user", "refusal_limit",
+                     "history_concurrency", "redis_max_connections"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",
@@ -176,6 +184,8 @@ class Settings:
             raise ConfigError("HUB_PING_INTERVAL_S must be at least 1 (seconds)")
         if self.refusal_window_s <= 0:
             raise ConfigError("HUB_REFUSAL_WINDOW_S must be a positive number")
+        if self.replay_window < 0 or self.resume_hold_s < 0:
+            raise ConfigError("HUB_REPLAY_WINDOW and HUB_RESUME_HOLD_S must not be negative")
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:
             raise ConfigError("HUB_CLIENT_RATE and HUB_SHUTDOWN_TIMEOUT_S must be positive, "
                               "HUB_JWT_LEEWAY_S not negative")

@@ -59,6 +59,14 @@ class Metrics:
             "Connections by how events reach their transport: direct (pre-encoded frames "
             "written to uvicorn's transport) or asgi (ASGI sends / engine.io's queue only)",
             ["transport", "path"], registry=r)
+        self.resumes = Counter(
+            "hub_resumes", "Resumes by result (ok, truncated, unavailable: history unreachable "
+            "after retries, refused: bad id or one already running)", ["result"], registry=r)
+        self.replay_pages = Counter(
+            "hub_replay_pages", "Replay pages sent, by source (window: this instance's recent "
+            "events, no Redis call; backend: read from the history)", ["source"], registry=r)
+        self.history_retries = Counter(
+            "hub_history_retries", "History reads retried after a failure", registry=r)
         for transport in ("websocket", "socketio"):
             # Export zeros from the start, so dashboards show 0 rather than "no data".
             self.connections.labels(transport)

@@ -9,18 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from hub.dispatch.base import Backend, Subscriber
+from hub.dispatch.base import Backend, History, Subscriber
+from hub.dispatch.window import ReplayWindow
 from hub.events import (
     Event,
     EventTypes,
+    id_key,
     is_event_id,
     is_type_name,
     now_timestamp,
@@ -30,6 +32,18 @@ from hub.exceptions import BackendUnavailable, EventError, ProtocolError
 from hub.metrics import Metrics
 
 log = logging.getLogger("hub.dispatch")
+
+# A replay reads the backend's history in pages of this many entries (XRANGE COUNT), and
+# sends a client at most what its outbox has room for at a time.
+REPLAY_PAGE = 500
+# A history read that fails is retried after these delays before the client is told.
+HISTORY_RETRY_DELAYS = (0.1, 0.5, 1.5)
+# Pages read recently, shared by resumes asking for the same one (a reconnect storm asks
+# for the same few pages thousands of times): how many are kept, and for how long.
+SHARED_PAGES = 4
+SHARED_PAGE_TTL_S = 1.0
+# How long a replay waits for room before it checks whether the connection is gone.
+ROOM_POLL_S = 1.0
 
 
 class RateLimitedLog:
@@ -75,7 +89,8 @@ class Dispatcher:
     def __init__(self, backend: Backend, types: EventTypes, metrics: Metrics, *,
                  max_data_bytes: int, max_subscribe_types: int,
                  batch: Callable[[], AbstractContextManager[None]] = nullcontext,
-                 legacy_strict: bool = False) -> None:
+                 legacy_strict: bool = False,
+                 replay_window: int = 2_000) -> None:
         self.backend = backend
         self._batch = batch  # entered around events delivered together (see Backend.start)
         self.types = types
@@ -90,11 +105,17 @@ class Dispatcher:
         self._legacy_log = RateLimitedLog(log)
         self._waiters: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self._last_delivered: tuple[int, int] = (0, 0)
+        self.window = ReplayWindow(replay_window)
+        # History pages being read or read lately: after-id → (when issued, the read).
+        self._pages: dict[tuple[str, int], tuple[float, asyncio.Task[History]]] = {}
 
     async def start(self) -> None:
         await self.backend.start(self._deliver, self._batch)
 
     async def stop(self) -> None:
+        for _issued, task in self._pages.values():
+            task.cancel()
+        self._pages.clear()
         await self.backend.stop()
 
     # -- publishing ---------------------------------------------------------------------
@@ -164,6 +185,7 @@ class Dispatcher:
         if members is None:
             members = self._room(event.type)
         self._last_delivered = event.key
+        self.window.add(event)
         if self._waiters:
             self._wake_waiters(event)
         if not members:
@@ -319,31 +341,154 @@ class Dispatcher:
         sub.types = new
         sub.rooms_changed(joined, left)
 
+    def release_holds(self) -> None:
+        """Stop holding live events for first messages (a graceful stop: what is held,
+        the shutdown notice included, must go out before the close)."""
+        for sub in tuple(self._members):
+            sub.first_message_seen()
+
+    # -- resume -------------------------------------------------------------------------
+    def _begin_resume(self, sub: Subscriber, last_event_id: object) -> str:
+        """Check the request and start holding live events, synchronously: nothing may
+        reach the client between its subscribe and the start of the hold."""
+        if not is_event_id(last_event_id):
+            self.metrics.resumes.labels("refused").inc()
+            raise ProtocolError("last_event_id must be an event id like 1700000000000-0",
+                                code="invalid_last_event_id")
+        if sub.resuming:
+            # One replay per connection at a time: a second would hold a second copy of
+            # the history; the client waits for ``resumed`` and asks again if it must.
+            self.metrics.resumes.labels("refused").inc()
+            raise ProtocolError("a resume is already running on this connection; wait for "
+                                "its resumed message", code="resume_in_progress")
+        assert isinstance(last_event_id, str)
+        sub.claim_hold()
+        return last_event_id
+
     async def resume(self, sub: Subscriber, last_event_id: object) -> ResumeResult:
         """Send ``sub`` the retained events after ``last_event_id`` that match its
         subscription and tenant, then let live ones through: no gap, no duplicate.
 
-        Raises ProtocolError (the connection stays open) for a malformed id or while the
-        history is unreachable; live events go on either way."""
-        if not is_event_id(last_event_id):
-            raise ProtocolError("last_event_id must be an event id like 1700000000000-0",
-                                code="invalid_last_event_id")
-        assert isinstance(last_event_id, str)
-        sub.begin_replay()
+        Raises ProtocolError (the connection stays open) for a malformed id, while another
+        resume runs on the connection, or when the history stays unreachable after
+        retries; live events go on either way."""
+        after = self._begin_resume(sub, last_event_id)
+        return await self._run_resume(sub, after)
+
+    def start_resume(self, sub: Subscriber, last_event_id: object
+                     ) -> asyncio.Task[ResumeResult]:
+        """:meth:`resume` as a task (the connection keeps reading client messages while
+        the replay waits for the client to read); the checks and the hold happen now."""
+        after = self._begin_resume(sub, last_event_id)
+        return asyncio.get_running_loop().create_task(self._run_resume(sub, after))
+
+    async def _run_resume(self, sub: Subscriber, after: str) -> ResumeResult:
         try:
-            history = await self.backend.history(last_event_id)
+            result = await self._replay(sub, after)
         except BackendUnavailable:
-            sub.end_replay()
+            self.metrics.resumes.labels("unavailable").inc()
+            log.warning("resume after %s failed: history unreachable after %d retries; "
+                        "the client is told", after, len(HISTORY_RETRY_DELAYS))
             raise ProtocolError("history is unavailable right now; live events continue",
                                 code="history_unavailable") from None
-        except BaseException:
-            sub.end_replay()
-            raise
-        events = [e for e in history.events if self.wants(sub, e.type)
-                  and sub.principal.may_see(e.tenant) and not sub.was_sent(e)]
-        if history.truncated:
-            sub.notify_truncated(last_event_id, history.first_retained)
-        sub.replay(events)
-        sub.end_replay()
-        return ResumeResult(last_event_id, len(events), history.truncated,
-                            history.first_retained)
+        finally:
+            sub.release_hold()
+        self.metrics.resumes.labels("truncated" if result.truncated else "ok").inc()
+        return result
+
+    async def _replay(self, sub: Subscriber, after: str) -> ResumeResult:
+        """Page through the history from ``after`` as the client's outbox has room: from
+        the replay window when it covers the cursor (no I/O), else from the backend. Ends
+        when a page reaches the head of the history and nothing held was dropped."""
+        began = time.monotonic()
+        cursor_id, cursor = after, id_key(after)
+        sent_live_until = sub.last_sent  # before the hold: what went out live
+        replayed, truncated, first_retained, first = 0, False, None, True
+        while not sub.closed:
+            room = sub.replay_room()
+            if room <= 0:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(sub.wait_room(), ROOM_POLL_S)
+                continue
+            limit = min(room, REPLAY_PAGE)
+            if self.window.covers(cursor):
+                events: Sequence[Event] = self.window.after(cursor, limit)
+                more = len(events) == limit
+                head_seen = True  # the window is everything delivered up to now
+                end_id = events[-1].id if events else cursor_id
+                self.metrics.replay_pages.labels("window").inc()
+            else:
+                history, issued = await self._history_page(cursor_id, limit, began)
+                if history.truncated:
+                    if first:
+                        truncated, first_retained = True, history.first_retained
+                    # (later: trimmed while replaying) either way the client is told.
+                    sub.notify_truncated(cursor_id, history.first_retained)
+                events = history.events[:limit]
+                cut = len(events) < len(history.events)
+                more = history.more or cut
+                end_id = (events[-1].id if cut else history.last_id
+                          or (events[-1].id if events else cursor_id))
+                # A page read before this replay began cannot say nothing came after it.
+                head_seen = issued >= began
+                self.metrics.replay_pages.labels("backend").inc()
+            first = False
+            principal = sub.principal
+            live_since = sub.live_since
+            batch = [e for e in events if self.wants(sub, e.type) and principal.may_see(e.tenant)
+                     and not (e.type in live_since
+                              and live_since[e.type] < e.key <= sent_live_until)]
+            with self._batch():  # one write per page, not one per event
+                replayed += sub.replay(batch)
+            cursor_id, cursor = end_id, id_key(end_id)
+            sub.replayed_until(cursor)
+            if more or not head_seen:
+                continue
+            if sub.held_overflow:
+                sub.restart_hold()  # what was dropped is in the history: read it again
+                continue
+            break
+        return ResumeResult(after, replayed, truncated, first_retained)
+
+    async def _history_page(self, after: str, limit: int, began: float
+                            ) -> tuple[History, float]:
+        """A page of at most ``limit`` events of the backend's history after ``after``,
+        shared with other resumes that ask for it: a full page is good whenever it was
+        read; one that reached the head only if read after the asking replay began. Reads
+        are retried."""
+        now = time.monotonic()
+        key = (after, limit)
+        shared = self._pages.get(key)
+        if shared is not None:
+            issued, task = shared
+            failed = task.done() and (task.cancelled() or task.exception() is not None)
+            if not failed and now - issued < SHARED_PAGE_TTL_S and (
+                    issued >= began or not task.done() or task.result().more):
+                return await asyncio.shield(task), issued
+        for key in [k for k, (t, _) in self._pages.items() if now - t >= SHARED_PAGE_TTL_S]:
+            del self._pages[key]
+        while len(self._pages) >= SHARED_PAGES:
+            del self._pages[next(iter(self._pages))]
+        task = asyncio.get_running_loop().create_task(self._read_history(after, limit))
+        task.add_done_callback(_retrieve)
+        self._pages[key] = (now, task)
+        return await asyncio.shield(task), now
+
+    async def _read_history(self, after: str, limit: int) -> History:
+        for delay in (*HISTORY_RETRY_DELAYS, None):
+            try:
+                return await self.backend.history(after, limit=limit)
+            except BackendUnavailable as exc:
+                if delay is None:
+                    raise
+                self.metrics.history_retries.inc()
+                log.warning("history read after %s failed (%s); retrying in %.1fs",
+                            after, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retrieve(task: asyncio.Task[History]) -> None:
+    # A shared read whose every waiter went away: its failure is not worth a warning.
+    if not task.cancelled():
+        task.exception()

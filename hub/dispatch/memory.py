@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,14 +57,17 @@ class MemoryBackend(Backend):
             self._on_event(event)
         return event
 
-    async def history(self, after: str) -> History:
+    async def history(self, after: str, limit: int | None = None) -> History:
         after_key = id_key(after)
         kept = self._history
         if not kept:
             return History(events=(), truncated=False, first_retained=None)
         truncated = self._evicted is not None and self._evicted > after_key
-        events = [e for e in kept if id_key(e.id) > after_key]
-        return History(events=events, truncated=truncated, first_retained=kept[0].id)
+        start = bisect.bisect_right(kept, after_key, key=lambda e: e.key)
+        stop = len(kept) if limit is None else min(len(kept), start + limit)
+        events = list(itertools.islice(kept, start, stop))
+        return History(events=events, truncated=truncated, first_retained=kept[0].id,
+                       more=stop < len(kept), last_id=events[-1].id if events else None)
 
     def socketio_manager(self) -> Any:
         return self._manager

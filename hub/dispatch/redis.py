@@ -94,7 +94,12 @@ async def append(redis: Any, key: str, maxlen: int, body: bytes) -> str:
     return _str(event_id)
 
 
-def open_redis(url: str) -> aioredis.Redis:
+# A command that finds every pooled connection in use waits this long for one (redis-py's
+# default pool raises at once: a burst of resumes was refused for lack of connections).
+POOL_WAIT_S = 2.0
+
+
+def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
     if url.startswith("redis+sentinel://"):
         from socketio.redis_manager import parse_redis_sentinel_url
 
@@ -107,10 +112,14 @@ def open_redis(url: str) -> aioredis.Redis:
     # retry on a fresh connection when a pooled one turns out closed (as after a Redis
     # restart): without it the first command on each stale connection fails. Timeouts
     # are not retried: the command may have run.
-    return aioredis.Redis.from_url(
-        url, health_check_interval=10, socket_connect_timeout=5, socket_timeout=15,
+    # A blocking pool: past ``max_connections`` in use, a command waits for one to be
+    # released instead of failing (history reads are bounded apart, see history()).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S,
+        health_check_interval=10, socket_connect_timeout=5, socket_timeout=15,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError])
+    return aioredis.Redis.from_pool(pool)
 
 
 class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -167,6 +176,7 @@ class RedisBackend(Backend):
         on_reconnect: Callable[[], None] = lambda: None,
         on_spool_overflow: Callable[[], None] = lambda: None,
         on_legacy: Callable[[str], None] = lambda result: None,
+        history_concurrency: int = 8,
     ) -> None:
         # redis-py's stubs type replies per decode_responses setting; the host's client may
         # use either, and _str() handles both, so replies are taken as Any here.
@@ -186,6 +196,9 @@ class RedisBackend(Backend):
         self._alive: dict[str, bool] = {"stream": False, "legacy": not legacy_channel,
                                         "spool": True}
         self._instance_id = instance_id
+        # Resumes queue here rather than take every pooled connection (or fail for lack of
+        # one): a reconnect storm costs at most this many connections at a time.
+        self._history_slots = asyncio.Semaphore(history_concurrency)
         # Local delivery follows one of two paths, and they must never overtake each other:
         # - normally the stream reader delivers every event, this instance's own included,
         #   in stream order; ``_unread`` holds the events this instance appended that the
@@ -335,16 +348,32 @@ class RedisBackend(Backend):
             self._spool_ready.clear()
             log.info("outage spool flushed to redis")
 
-    async def history(self, after: str) -> History:
+    async def history(self, after: str, limit: int | None = None) -> History:
+        # From ``after`` itself: when that entry is still there, nothing after it was
+        # trimmed, so the common resume (from an id the client saw) is one XRANGE, with no
+        # XINFO. ``limit + 2``: the entry itself may come first, and one more than the page
+        # says whether more follow.
+        count = None if limit is None else limit + 2
         try:
-            entries = await self.redis.xrange(self._key, min="(" + after, max="+")
-            info = await self.redis.xinfo_stream(self._key)
+            async with self._history_slots:
+                entries = await self.redis.xrange(self._key, min=after, max="+", count=count)
+                known = bool(entries) and _str(entries[0][0]) == after
+                info = None if known else await self.redis.xinfo_stream(self._key)
         except aioredis.ResponseError:
             # No stream yet: nothing was ever published, so nothing is missing either.
             return History(events=(), truncated=False, first_retained=None)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"redis unavailable: {exc}") from exc
+        if known:
+            entries = entries[1:]
+        more = limit is not None and len(entries) > limit
+        if more:
+            entries = entries[:limit]
         events = [ev for ev in map(self._decode, entries) if ev is not None]
+        last_id = _str(entries[-1][0]) if entries else None
+        if info is None:
+            return History(events=events, truncated=False, first_retained=None, more=more,
+                           last_id=last_id)
         first = info.get("first-entry")
         first_id = _str(first[0]) if first else None
         # Trimming leaves no trace but the first entry moving on: if the client's id is older
@@ -353,7 +382,8 @@ class RedisBackend(Backend):
         added = info.get("entries-added")  # Redis >= 7; older servers: assume trimming
         trimmed = added is None or added > info.get("length", 0)
         truncated = first_id is not None and trimmed and id_key(first_id) > id_key(after)
-        return History(events=events, truncated=truncated, first_retained=first_id)
+        return History(events=events, truncated=truncated, first_retained=first_id,
+                       more=more, last_id=last_id)
 
     def _decode(self, entry: Any) -> Event | None:
         raw_id, fields = entry

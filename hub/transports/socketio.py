@@ -71,6 +71,28 @@ class SocketIOConnection(Subscriber):
         self.drained = asyncio.Event()  # the outbox is empty (for a graceful stop)
         self.drained.set()
         self._writer: asyncio.Task[None] | None = None
+        self.hold_limit = self._limit
+
+    # -- room for a replay (hub.dispatch.base.Subscriber) --------------------------------
+    def replay_room(self) -> int:
+        if self.kicked:
+            return 0
+        if self._sink is None:  # through engine.io's queue
+            sock = self._server.eio.sockets.get(self.eio_sid)
+            return self._limit - (sock.queue.qsize() if sock is not None else 0)
+        return self._limit - self.queued
+
+    async def wait_room(self) -> None:
+        if self._sink is None:
+            sock = self._server.eio.sockets.get(self.eio_sid)
+            if sock is not None:
+                await sock.queue.join()
+            return
+        await self.drained.wait()
+
+    @property
+    def closed(self) -> bool:
+        return self.kicked or super().closed
 
     # -- sending ------------------------------------------------------------------------
     def _send(self, event: Event, replay: bool = False) -> None:
@@ -506,7 +528,10 @@ class SocketIOTransport:
             delay = max(0.0, principal.expires_at + self.hub.verifier.leeway - time.time())
             conn.expiry = asyncio.get_running_loop().call_later(
                 delay, self._expire, conn)
-        if last_event_id is not None:
+        if last_event_id is None:
+            # Until its first message: it may be a subscribe that resumes.
+            conn.hold_for_first_message(self.hub.settings.resume_hold_s)
+        else:
             conn.begin_replay()  # hold live events until the replay is queued
             asyncio.get_running_loop().create_task(self._resume_task(conn, last_event_id))
 
@@ -592,6 +617,8 @@ class SocketIOTransport:
                            first_retained_id=result["first_retained_id"])
         except ProtocolError as exc:
             return _error(exc)
+        finally:
+            conn.first_message_seen()
         return ack
 
     async def _unsubscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
@@ -606,6 +633,8 @@ class SocketIOTransport:
             dispatcher.unsubscribe(conn, types)
         except ProtocolError as exc:
             return _error(exc)
+        finally:
+            conn.first_message_seen()
         return dispatcher.subscription_reply(conn, types)
 
     async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:

@@ -59,6 +59,8 @@ class PlainConnection(Subscriber):
         self._on_slow = on_slow
         self._on_abort = on_abort
         self.writer: asyncio.Task[None] | None = None
+        self.resume_task: asyncio.Task[Any] | None = None
+        self.hold_limit = outbox_limit
 
     @property
     def frame_path(self) -> str:
@@ -73,6 +75,20 @@ class PlainConnection(Subscriber):
     @property
     def queued(self) -> int:
         return len(self._outbox) if self._outbox is not None else 0
+
+    def replay_room(self) -> int:
+        return 0 if self._closed else self._limit - self.queued
+
+    async def wait_room(self) -> None:
+        # The writer runs until the outbox is empty (or the connection is gone).
+        writer = self.writer
+        if writer is not None and not writer.done():
+            await asyncio.wait((writer,))
+
+    @property
+    def closed(self) -> bool:
+        # Closing after a flush (shutdown) takes nothing more: a replay stops there.
+        return self._closed or self._close_after_flush is not None or super().closed
 
     def _send(self, event: Event, replay: bool = False) -> None:
         self._put(event.frame if self._sink is not None else event.text, bounded=not replay)
@@ -157,6 +173,22 @@ class PlainConnection(Subscriber):
         asyncio.get_running_loop().create_task(_close(self.websocket, code, reason))
 
 
+def _resumed(conn: PlainConnection, task: asyncio.Task[Any]) -> None:
+    if conn.resume_task is task:
+        conn.resume_task = None
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, ProtocolError):
+        conn.enqueue(error_message(exc))
+    elif exc is not None:
+        log.error("resume failed on %s", conn.connection_id, exc_info=exc)
+        conn.enqueue(error_message(ProtocolError("the resume failed; live events continue",
+                                                 code="history_unavailable")))
+    else:
+        conn.send_control("resumed", task.result().message())
+
+
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     if websocket.application_state is WebSocketState.CONNECTED:
         with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
@@ -237,13 +269,18 @@ class PlainTransport:
             last_event_id = websocket.headers.get("last-event-id")
             if last_event_id:
                 try:
-                    await self._resume(conn, last_event_id)
+                    self._resume(conn, last_event_id)
                 except ProtocolError as exc:
                     conn.enqueue(error_message(exc))
+            else:
+                # Until its first message: it may be a subscribe that resumes.
+                conn.hold_for_first_message(hub.settings.resume_hold_s)
             await self._read(websocket, conn)
         finally:
             if expiry is not None:
                 expiry.cancel()
+            if conn.resume_task is not None:
+                conn.resume_task.cancel()
             hub.dispatcher.remove(conn)
             self.connections.discard(conn)
             hub.metrics.connections.labels(conn.transport).dec()
@@ -299,6 +336,8 @@ class PlainTransport:
                 await self._handle(conn, parse_client_message(text))
             except ProtocolError as exc:
                 conn.enqueue(error_message(exc))
+            finally:
+                conn.first_message_seen()
 
     async def _handle(self, conn: PlainConnection, message: ClientMessage) -> None:
         dispatcher = self.hub.dispatcher
@@ -312,11 +351,14 @@ class PlainTransport:
             dispatcher.unsubscribe(conn, types)
         conn.enqueue(control("subscription_updated", dispatcher.subscription_reply(conn, types)))
         if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
-            await self._resume(conn, message.last_event_id)
+            self._resume(conn, message.last_event_id)
 
-    async def _resume(self, conn: PlainConnection, last_event_id: object) -> None:
-        result = await self.hub.dispatcher.resume(conn, last_event_id)
-        conn.send_control("resumed", result.message())
+    def _resume(self, conn: PlainConnection, last_event_id: object) -> None:
+        """Start a replay (raises ProtocolError at once for a bad id or while one runs);
+        ``resumed`` follows it. Client messages keep being read meanwhile."""
+        task = self.hub.dispatcher.start_resume(conn, last_event_id)
+        conn.resume_task = task
+        task.add_done_callback(lambda done: _resumed(conn, done))
 
     async def shutdown(self) -> None:
         """Flush every outbox, then close each connection with 1001."""
