@@ -232,6 +232,9 @@ async def test_a_viewer_that_never_reads_cannot_grow_memory_with_resumes(
            "HUB_STREAM_KEY": f"hub:rss:{unique}", "HUB_SOCKETIO_CHANNEL": f"sio-{unique}",
            "HUB_LEGACY_CHANNEL": f"legacy:{unique}", "HUB_REPLAY_WINDOW": "0",
            "HUB_OUTBOX_LIMIT": str(OUTBOX),
+           # Above the resumes sent at once: the replay budget is what is measured here,
+           # not the client message rate limit (which would cut the flood off first).
+           "HUB_CLIENT_BURST": "1000",
            # The stop flushes outboxes first; this client's never drains.
            "HUB_SHUTDOWN_TIMEOUT_S": "2"}
     hub = start_hub_process(env, tmp_path=tmp_path)

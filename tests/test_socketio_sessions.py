@@ -342,8 +342,9 @@ async def test_a_ping_timeout_frees_a_peer_that_stopped_reading() -> None:
     """engine.io drops a client that stops answering pings; when that client also stopped
     reading, with frames stuck behind its full buffer, the WebSocket's close would wait
     for ever: it is aborted after the close timeout."""
+    # No hold for a first message: the events must reach the socket's buffer at once.
     settings = make_settings(outbox_limit=100_000, ping_interval_s=1, ping_timeout_s=0.5,
-                             close_timeout_s=0.5)
+                             close_timeout_s=0.5, resume_hold_s=0)
     async with run_hub(settings) as running:
         _reader, stalled = await stalled_client(
             running.port, make_token("gone"), path=f"{SIO}?EIO=4&transport=websocket")
