@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from hub import __version__
-from hub.auth import AuthError, TokenVerifier, strip_bearer
+from hub.auth import AuthError, OriginPolicy, TokenVerifier, strip_bearer
 from hub.config import Settings
 from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
@@ -47,6 +47,8 @@ class Hub:
         self.settings = settings
         self.metrics = Metrics()
         self.verifier = TokenVerifier(settings)
+        # One Origin check for every transport (hub.auth.OriginPolicy).
+        self.origins = OriginPolicy(settings.allowed_origins, settings.trusted_proxies)
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
         self.types = EventTypes(settings.extra_event_types)
         self.dispatcher = Dispatcher(
@@ -203,6 +205,13 @@ class HubApp(Starlette):
     hub: Hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path, root = scope["path"], scope.get("root_path", "")
+            path = path[len(root):] if path.startswith(root) else path
+            if path.startswith("/socket.io") and not self.hub.origins.allows_scope(scope):
+                # The same check as /ws/events, before python-socketio sees the request.
+                await self._refuse_origin(scope, send)
+                return
         if scope["type"] == "websocket":
             # Before any middleware wraps it: the server's own send, for direct frame
             # writes (hub.transports.frames).
@@ -214,6 +223,19 @@ class HubApp(Starlette):
                 await self.hub.websocket.asgi(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    async def _refuse_origin(self, scope: Scope, send: Send) -> None:
+        self.hub.metrics.auth_failures.labels("origin_not_allowed").inc()
+        if scope["type"] == "websocket":
+            # A close before accept: the handshake is answered 403.
+            await send({"type": "websocket.close", "code": 4003})
+            return
+        body = orjson.dumps({"error": {"code": "origin_not_allowed",
+                                       "message": "origin not allowed"}})
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     def lifespan_context_for_host(self) -> contextlib.AbstractAsyncContextManager[None]:
         """For a host application that mounts this app: run hub's start-up and shutdown

@@ -85,7 +85,8 @@ async def write_queued(sink: FrameSink, outbox: deque[Any]) -> None:
 def frame_sink(scope: Mapping[str, Any]) -> FrameSink | None:
     send = scope.get(SEND_KEY)
     protocol: Any = getattr(send, "__self__", None)
-    if protocol is None or type(protocol).__name__ != "WebSocketsSansIOProtocol":
+    if protocol is None or not any(  # uvicorn's protocol, or hub's subclass of it
+            c.__name__ == "WebSocketsSansIOProtocol" for c in type(protocol).__mro__):
         return None
     if not all(hasattr(protocol, name) for name in ("transport", "writable", "close_sent")):
         return None  # a uvicorn release that changed its internals: use ASGI
