@@ -7,7 +7,8 @@ uvicorn's own ``LOGGING_CONFIG`` (same formatter and handler names), so it is pa
 same handler as uvicorn's, so a JSON deployment never mixes formats.
 
 Tokens must never reach a log: a client may put one in a query string (which the access
-log prints), an exception message may quote a header, a Redis URL carries its password.
+log prints), an exception message may quote a header, a Redis URL carries its password,
+an Engine.IO ``sid`` in a polling URL is a session credential.
 The formatters redact the finished line, whatever produced it.
 """
 
@@ -28,6 +29,10 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+"), r"\1[redacted]"),
     # token=…, access_token=…, ks_access_token=…, password=… in query strings or cookies.
     (re.compile(r"(?i)\b((?:[a-z_]*token|jwt|password|secret|auth)=)[^&\s\"';]+"),
+     r"\1[redacted]"),
+    # Session ids: an Engine.IO ``sid`` is a session credential (whoever polls with it
+    # reads that session's events).
+    (re.compile(r"(?i)(?<![a-z0-9_])((?:sid|session_?id)=)[^&\s\"';]+"),
      r"\1[redacted]"),
     # The password part of redis://user:password@host URLs.
     (re.compile(r"(?i)\b(rediss?(?:\+sentinel)?://[^:/@\s]*:)[^@\s]+@"), r"\1***@"),
