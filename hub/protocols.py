@@ -86,27 +86,41 @@ class Limits:
 
 
 class PendingConnections:
-    """Connections that have not yet delivered a complete first request."""
+    """Connections that have not yet delivered a complete first request, oldest first.
+
+    Over the per-address cap a new connection is refused; over the instance cap the
+    connection that has waited longest is dropped to make room, so a flood of idle
+    sockets cannot lock out a health check or a real client, which completes its request
+    in milliseconds."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.total = 0
+        self._waiting: dict[HubHttpProtocol, str] = {}  # insertion-ordered: oldest first
         self.by_address: Counter[str] = Counter()
         self.refused = 0
+        self.evicted = 0
 
-    def acquire(self, address: str) -> bool:
+    @property
+    def total(self) -> int:
+        return len(self._waiting)
+
+    def acquire(self, conn: HubHttpProtocol, address: str) -> bool:
         limits = self.limits
-        if self.total >= limits.max_pending or (
-                self.by_address[address] >= limits.max_pending_per_address
+        if (self.by_address[address] >= limits.max_pending_per_address
                 and address not in limits.exempt):
             self.refused += 1
             return False
-        self.total += 1
+        while len(self._waiting) >= limits.max_pending:
+            self.evicted += 1
+            next(iter(self._waiting)).evict()  # releases it
+        self._waiting[conn] = address
         self.by_address[address] += 1
         return True
 
-    def release(self, address: str) -> None:
-        self.total -= 1
+    def release(self, conn: HubHttpProtocol) -> None:
+        address = self._waiting.pop(conn, None)
+        if address is None:
+            return
         self.by_address[address] -= 1
         if self.by_address[address] <= 0:
             del self.by_address[address]
@@ -167,7 +181,7 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._body_bytes = 0
-        self._pending_address: str | None = None  # set while counted as pending
+        self._pending = False  # counted in PendingConnections
         self._deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str] | None = None
@@ -177,15 +191,23 @@ class HubHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(closing_transport(transport, self.limits.close_timeout_s))
         address = self.client[0] if self.client else ""
-        if not self.hub_config.pending.acquire(address):
+        if not self.hub_config.pending.acquire(self, address):
             self.hub_config.refusal_log.warning(
                 "pending", f"refusing a connection from {address}: too many connections "
-                "without a complete request")
+                "from it without a complete request")
             self._refuse(503, "too many connections without a complete request; retry later",
-                         ((b"retry-after", b"1"),))
+                         ((b"retry-after", b"1"),), linger=False)
             return
-        self._pending_address = address
+        self._pending = True
         self._arm_deadline()
+
+    def evict(self) -> None:
+        """Dropped to make room for a newer connection (the instance cap is reached)."""
+        self.hub_config.refusal_log.warning(
+            "evicted", "dropping the oldest connection without a complete request: too "
+            "many of them on this instance")
+        self._refuse(503, "server busy; retry later", ((b"retry-after", b"1"),),
+                     linger=self._head_bytes > 0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_pending()
@@ -203,9 +225,9 @@ class HubHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _leave_pending(self) -> None:
-        if self._pending_address is not None:
-            self.hub_config.pending.release(self._pending_address)
-            self._pending_address = None
+        if self._pending:
+            self._pending = False
+            self.hub_config.pending.release(self)
 
     # -- the request deadline -----------------------------------------------------------
     def _arm_deadline(self) -> None:
@@ -222,7 +244,9 @@ class HubHttpProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_started:
             self.transport.abort()  # mid-response with a body still arriving: nothing to say
             return
-        self._refuse(408, "request not received in time")
+        # Lingering only matters when the client is sending: it must read the answer.
+        self._refuse(408, "request not received in time",
+                     linger=self._head_bytes > 0 or not self._in_head)
 
     # -- parsing ------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -306,8 +330,10 @@ class HubHttpProtocol(HttpToolsProtocol):
 
     # -- refusing -----------------------------------------------------------------------
     def _refuse(self, status: int, message: str,
-                extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        """Answer ``status``, shut the write side, discard input, abort after a grace."""
+                extra: tuple[tuple[bytes, bytes], ...] = (), *, linger: bool = True) -> None:
+        """Answer ``status`` and close. With ``linger`` (the client may still be sending),
+        shut the write side, discard what arrives and abort after the close timeout, so
+        the client reads the answer instead of a connection reset."""
         if self._refused:
             return
         self._refused = True
@@ -319,17 +345,26 @@ class HubHttpProtocol(HttpToolsProtocol):
                 f": {status} {message}")
         cycle = self.cycle
         transport = self.transport
+        answer = True
         if cycle is not None:
             # The application, if running, sees a disconnect and its sends are dropped.
-            already = cycle.response_started
             cycle.disconnected = True
             cycle.message_event.set()
-            if already:
-                transport.abort()
+            if cycle.response_started and not cycle.response_complete:
+                transport.abort()  # mid-response: nothing sensible left to say
                 return
+            answer = not cycle.response_started  # it answered already (its own 413…)
         if transport.is_closing():
             return
-        transport.write(_response(status, message, self.server_state.default_headers, extra))
+        if answer:
+            transport.write(_response(status, message, self.server_state.default_headers,
+                                      extra))
+        if not linger:
+            if isinstance(transport, ClosingTransport):
+                transport.close_now()
+            else:
+                transport.abort()
+            return
         if transport.can_write_eof():
             transport.write_eof()  # the client reads the answer, then EOF
         self._linger = self.loop.call_later(self.limits.close_timeout_s, transport.abort)
