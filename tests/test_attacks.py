@@ -477,3 +477,19 @@ def test_tail_json_is_pure_json_without_raw_control_characters() -> None:
     assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e]", line)
     assert json.loads(line) == envelope
 
+
+
+# -- 10.9: a malformed packet costs one log line, not a traceback each ---------------------
+async def test_malformed_socketio_packets_do_not_flood_the_log(plain: Served) -> None:
+    async with httpx.AsyncClient(base_url=plain.url, timeout=10) as client:
+        opened = await client.get("/socket.io/?EIO=4&transport=polling")
+        sid = json.loads(opened.text[1:])["sid"]
+        for _ in range(30):  # on a session that never connected a namespace
+            response = await client.post(f"/socket.io/?EIO=4&transport=polling&sid={sid}",
+                                         content=b'42["x"')
+            assert response.status_code == 200
+    await wait_until(lambda: "handler error" in plain.log(), 10, "the first report")
+    log = plain.log()
+    assert log.count("handler error") == 1, log[-3000:]
+    assert log.count("Traceback") <= 1
+    assert (await plain.health())["status"] == "healthy"
