@@ -289,9 +289,14 @@ class OriginPolicy:
         self.any = "*" in allowed
         self.allowed = frozenset(o for o in (normalise_origin(a) for a in allowed if a != "*")
                                  if o is not None)
-        self._proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+        trusted_proxies = tuple(trusted_proxies)
+        self._any_proxy = "*" in trusted_proxies
+        self._proxies = tuple(ipaddress.ip_network(p, strict=False)
+                              for p in trusted_proxies if p != "*")
 
     def trusted_peer(self, peer: str | None) -> bool:
+        if self._any_proxy:
+            return True
         if not peer or not self._proxies:
             return False
         try:

@@ -76,7 +76,8 @@ class Settings:
     # client address (configured proxies are exempt from the per-address cap).
     max_pending_connections: int = 1024
     max_pending_per_address: int = 256
-    # Peers (addresses or CIDR networks) whose X-Forwarded-* / Forwarded headers are trusted.
+    # Peers (addresses or CIDR networks; "*": any) whose X-Forwarded-* / Forwarded headers
+    # are trusted.
     trusted_proxies: tuple[str, ...] = ()
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
@@ -187,6 +188,8 @@ class Settings:
         if self.max_body_bytes < 0:
             raise ConfigError("HUB_MAX_BODY_BYTES must not be negative (0: automatic)")
         for proxy in self.trusted_proxies:
+            if proxy == "*":  # any peer: only when nothing but the proxy reaches hub
+                continue
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:

@@ -29,6 +29,7 @@ handling rewrites ``client``), for the trusted-proxy check of hub.auth.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import resource
 import time
@@ -69,7 +70,14 @@ class Limits:
     close_timeout_s: float
     max_pending: int
     max_pending_per_address: int
-    exempt: frozenset[str]
+    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def is_exempt(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.exempt)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -79,7 +87,9 @@ class Limits:
             # Never let not-yet-authenticated connections take more than half of the
             # descriptors: health checks and real clients keep the rest.
             max_pending = max(1, min(max_pending, soft // 2))
-        exempt = frozenset(p for p in settings.trusted_proxies if "/" not in p)
+        # Exempt from the per-address cap: the configured proxies ("*" stays capped).
+        exempt = tuple(ipaddress.ip_network(p, strict=False)
+                       for p in settings.trusted_proxies if p != "*")
         return cls(settings.max_header_bytes, settings.max_headers, settings.body_limit,
                    settings.handshake_timeout_s, settings.close_timeout_s, max_pending,
                    settings.max_pending_per_address, exempt)
@@ -107,7 +117,7 @@ class PendingConnections:
     def acquire(self, conn: HubHttpProtocol, address: str) -> bool:
         limits = self.limits
         if (self.by_address[address] >= limits.max_pending_per_address
-                and address not in limits.exempt):
+                and not limits.is_exempt(address)):
             self.refused += 1
             return False
         while len(self._waiting) >= limits.max_pending:
