@@ -12,7 +12,8 @@ seam, :func:`protocol_classes`, hands them to ``uvicorn.Config``:
   limit) or more than ``max_headers`` headers → **431** at once; a declared or streamed body
   over the body limit → **413** at once;
 - a request must be complete (headers and body) ``handshake_timeout_s`` after the
-  connection opened or the previous response ended → **408**;
+  connection opened or the previous response ended → **408**; a client that leaves its
+  responses unread that long once the write buffer is full is aborted;
 - connections still waiting for their first complete request are capped on the instance
   and per client address → **503** at once (configured proxies are exempt from the per-address cap);
 - every refusal is answered, the write side shut (so the client reads the answer instead
@@ -196,6 +197,7 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._linger: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str] | None = None
         self._refused = False
+        self._stall: asyncio.TimerHandle | None = None
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -222,12 +224,36 @@ class HubHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_pending()
         self._cancel_deadline()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
         if isinstance(self.transport, ClosingTransport):
             self.transport.lost()
         super().connection_lost(exc)
+
+    # -- a client that does not read its responses ---------------------------------------
+    def pause_writing(self) -> None:
+        # The write buffer is full: the application waits until the client reads. A client
+        # that never does (pipelined requests, never read) would hold it forever.
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.limits.handshake_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.hub_config.refusal_log.warning(
+            "stalled", f"aborting a connection from {self.client[0] if self.client else '?'}"
+            ": it has not read its responses")
+        self.transport.abort()
 
     def eof_received(self) -> None:
         # A refused client that half-closes: its answer is written, nothing else to wait for.

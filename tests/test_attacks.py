@@ -63,6 +63,23 @@ class Served:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def holds(self, client_port: int) -> bool:
+        """Whether the server still has a descriptor for its connection from
+        ``client_port`` (its socket's inode, from /proc/net/tcp, among its fds)."""
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (int(local.split(":")[1], 16) == self.port
+                    and int(remote.split(":")[1], 16) == client_port):
+                inodes.add(fields[9])
+        fd_dir = f"/proc/{self.process.pid}/fd"
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fd_dir}/{fd}").removeprefix("socket:[").rstrip("]") in inodes:
+                    return True
+        return False
+
     async def health(self) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=10) as client:
             response = await client.get(self.url + "/ws/health")
@@ -496,3 +513,25 @@ async def test_malformed_socketio_packets_do_not_flood_the_log(plain: Served) ->
     assert log.count("handler error") == 1, log[-3000:]
     assert log.count("Traceback") <= 1
     assert (await plain.health())["status"] == "healthy"
+
+
+async def test_a_client_that_never_reads_its_responses_is_dropped(tight: Served) -> None:
+    """Pipelined requests whose responses are never read used to hold the connection (and
+    the response task) for as long as the client kept it open."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", tight.port))
+    sock.setblocking(False)
+    request = b"GET /dashboard/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionError):
+        await loop.sock_sendall(sock, request * 400)  # ~23 MB of responses, never read
+    port = sock.getsockname()[1]
+    try:
+        assert tight.holds(port)
+        await wait_until(lambda: not tight.holds(port), 30, "the stalled connection to go")
+    finally:
+        sock.close()
+    assert (await tight.health())["status"] == "healthy"
