@@ -198,6 +198,7 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._refusal: tuple[int, str] | None = None
         self._refused = False
         self._stall: asyncio.TimerHandle | None = None
+        self._deferred: tuple[int, str, tuple[tuple[bytes, bytes], ...], bool] | None = None
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -277,7 +278,8 @@ class HubHttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self._deadline = None
-        if self.cycle is not None and self.cycle.response_started:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
             self.transport.abort()  # mid-response with a body still arriving: nothing to say
             return
         # Lingering only matters when the client is sending: it must read the answer.
@@ -361,6 +363,10 @@ class HubHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            self._answer(*deferred)
+            return
         if not self.transport.is_closing() and not self._refused:
             self._arm_deadline()  # the next request on this keep-alive connection
 
@@ -372,7 +378,7 @@ class HubHttpProtocol(HttpToolsProtocol):
         the client reads the answer instead of a connection reset."""
         if self._refused:
             return
-        self._refused = True
+        self._refused = True  # from now on, input is discarded
         self._leave_pending()
         self._cancel_deadline()
         if status != 503:
@@ -380,19 +386,28 @@ class HubHttpProtocol(HttpToolsProtocol):
                 str(status), f"refused a request from {self.client[0] if self.client else '?'}"
                 f": {status} {message}")
         cycle = self.cycle
-        transport = self.transport
-        answer = True
-        if cycle is not None:
+        if cycle is not None and not cycle.response_complete:
+            if cycle.scope is not self.scope:
+                # A pipelined request: the one before it is still being answered, and
+                # answers go out in order. on_response_complete() sends this one.
+                self._deferred = (status, message, extra, linger)
+                return
             # The application, if running, sees a disconnect and its sends are dropped.
             cycle.disconnected = True
             cycle.message_event.set()
-            if cycle.response_started and not cycle.response_complete:
-                transport.abort()  # mid-response: nothing sensible left to say
+            if cycle.response_started:
+                self.transport.abort()  # mid-response: nothing sensible left to say
                 return
-            answer = not cycle.response_started  # it answered already (its own 413…)
+        # No answer when this request's application answered already (its own 413…).
+        answered = cycle is not None and cycle.scope is self.scope and cycle.response_started
+        self._answer(status, message, extra, linger, write=not answered)
+
+    def _answer(self, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...],
+                linger: bool, *, write: bool = True) -> None:
+        transport = self.transport
         if transport.is_closing():
             return
-        if answer:
+        if write:
             transport.write(_response(status, message, self.server_state.default_headers,
                                       extra))
         if not linger:

@@ -535,3 +535,11 @@ async def test_a_client_that_never_reads_its_responses_is_dropped(tight: Served)
     finally:
         sock.close()
     assert (await tight.health())["status"] == "healthy"
+
+
+async def test_the_second_request_on_a_connection_is_bounded_too(tight: Served) -> None:
+    first = b"GET /ws/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    second = b"POST /events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 104857600\r\n\r\n"
+    response = await raw(tight.port, first + second)
+    assert status_of(response) == 200
+    assert b"HTTP/1.1 413 " in response
