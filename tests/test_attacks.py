@@ -543,3 +543,17 @@ async def test_the_second_request_on_a_connection_is_bounded_too(tight: Served) 
     response = await raw(tight.port, first + second)
     assert status_of(response) == 200
     assert b"HTTP/1.1 413 " in response
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("https://Dash.Example.com", ("https", "dash.example.com", 443)),
+    ("https://dash.example.com:443/", ("https", "dash.example.com", 443)),
+    ("http://[::1]:8000", ("http", "::1", 8000)),
+    ("wss://h", ("https", "h", 443)),
+    ("null", None), ("https://h/x", None), ("https://u@h", None), ("https://h:99999", None),
+    ("ftp://h", None), ("", None),
+])
+def test_origins_are_normalised_before_comparison(value: str, expected: Any) -> None:
+    from hub.auth import normalise_origin
+
+    assert normalise_origin(value) == expected
