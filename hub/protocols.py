@@ -123,7 +123,9 @@ class PendingConnections:
             return False
         while len(self._waiting) >= limits.max_pending:
             self.evicted += 1
-            next(iter(self._waiting)).evict()  # releases it
+            oldest = next(iter(self._waiting))
+            self.release(oldest)  # before evict(), so this loop always ends
+            oldest.evict()
         self._waiting[conn] = address
         self.by_address[address] += 1
         return True
