@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from hub import __version__
-from hub.auth import AuthError, TokenVerifier, strip_bearer
+from hub.auth import AuthError, OriginPolicy, TokenVerifier, strip_bearer
 from hub.config import Settings
 from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
@@ -48,6 +48,8 @@ class Hub:
         self.settings = settings
         self.metrics = Metrics()
         self.verifier = TokenVerifier(settings)
+        # One Origin check for every transport (hub.auth.OriginPolicy).
+        self.origins = OriginPolicy(settings.allowed_origins, settings.trusted_proxies)
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
         self.refusals = RefusalTracker(settings.refusal_limit, settings.refusal_window_s)
         self.types = EventTypes(settings.extra_event_types,
@@ -200,6 +202,49 @@ class Hub:
         return JSONResponse(openapi_document(__version__, self.types.publishable))
 
 
+# The dashboard runs only its own bundled script and stylesheet and talks only to the hub
+# it came from: no inline script or style, no eval, no framing by another site.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                 "img-src 'self' data:; connect-src 'self'; font-src 'self'; "
+                 "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+DASHBOARD_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-security-policy", DASHBOARD_CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+)
+
+
+class SecurityHeaders:
+    """Adds :data:`DASHBOARD_HEADERS` to every response of the wrapped ASGI app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message,
+                           "headers": [*message.get("headers", ()), *DASHBOARD_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _dashboard_redirect(request: Request) -> Response:
+    # A path, never an absolute URL built from the client's Host header (an open
+    # redirect / cache-poisoning lever); the root path keeps it right when mounted.
+    location = request.scope.get("root_path", "") + "/dashboard/"
+    return Response(status_code=307, headers={"location": location,
+                                              **{k.decode(): v.decode()
+                                                 for k, v in DASHBOARD_HEADERS}})
+
+
 def _error(status: int, code: str, message: str, *, field: str | None = None,
            fields: tuple[str, ...] = (), headers: dict[str, str] | None = None) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
@@ -215,6 +260,13 @@ class HubApp(Starlette):
     hub: Hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path, root = scope["path"], scope.get("root_path", "")
+            path = path[len(root):] if path.startswith(root) else path
+            if path.startswith("/socket.io") and not self.hub.origins.allows_scope(scope):
+                # The same check as /ws/events, before python-socketio sees the request.
+                await self._refuse_origin(scope, send)
+                return
         if scope["type"] == "websocket":
             # Before any middleware wraps it: the server's own send, for direct frame
             # writes (hub.transports.frames).
@@ -226,6 +278,19 @@ class HubApp(Starlette):
                 await self.hub.websocket.asgi(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    async def _refuse_origin(self, scope: Scope, send: Send) -> None:
+        self.hub.metrics.auth_failures.labels("origin_not_allowed").inc()
+        if scope["type"] == "websocket":
+            # A close before accept: the handshake is answered 403.
+            await send({"type": "websocket.close", "code": 4003})
+            return
+        body = orjson.dumps({"error": {"code": "origin_not_allowed",
+                                       "message": "origin not allowed"}})
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     def lifespan_context_for_host(self) -> contextlib.AbstractAsyncContextManager[None]:
         """For a host application that mounts this app: run hub's start-up and shutdown
@@ -257,7 +322,9 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
     ]
     static = resources.files("hub") / "static" / "dashboard"
     if static.is_dir():
-        routes.append(Mount("/dashboard", app=StaticFiles(directory=str(static), html=True)))
+        routes.append(Route("/dashboard", _dashboard_redirect, methods=["GET", "HEAD"]))
+        routes.append(Mount("/dashboard", app=SecurityHeaders(
+            StaticFiles(directory=str(static), html=True))))
     app = HubApp(routes=routes, lifespan=lambda _app: _lifespan(hub))
     app.hub = hub
     return app

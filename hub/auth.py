@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -13,12 +15,19 @@ import jwt
 from hub.config import Settings
 from hub.exceptions import AuthError
 
-__all__ = ["AuthError", "Principal", "TokenVerifier", "issue_token", "origin_allowed",
-           "strip_bearer", "token_from_cookie", "token_from_headers"]
+__all__ = ["AuthError", "OriginPolicy", "Principal", "TokenVerifier", "issue_token",
+           "normalise_origin", "origin_allowed", "strip_bearer", "token_from_cookie",
+           "token_from_headers"]
 
 COOKIE_NAME = "ks_access_token"
 # A JWT bigger than this is refused before it is parsed: nobody needs 8 KiB of claims.
 MAX_TOKEN_BYTES = 8 * 1024
+# Time claims must be numbers between the epoch and the end of year 9999: a string, a
+# boolean, 1e400 or 10**400 is refused rather than ignored, or overflowing a float.
+MAX_TIMESTAMP = 253_402_300_799
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+# Where hub's uvicorn protocols (hub.protocols) leave the TCP peer's address in a scope.
+PEER_KEY = "hub.peer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +91,8 @@ class TokenVerifier:
         self._tenant_claim = settings.tenant_claim
         self._admin_roles = frozenset(settings.admin_roles)
         self._publisher_roles = frozenset(settings.publisher_roles)
+        self._require_exp = settings.require_exp
+        self._max_lifetime = settings.max_token_lifetime_s
 
     @property
     def leeway(self) -> float:
@@ -93,7 +104,13 @@ class TokenVerifier:
             raise AuthError("no token", code="missing_token")
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("token too large", code="malformed_token")
-        options: Any = {"require": ["sub"], "verify_aud": self._audience is not None}
+        # PyJWT's own time checks are off: it accepts numeric strings (then never enforced
+        # here) and overflows on 1e400; _check_times() is strict about them.
+        options: Any = {
+            "require": ["sub", "exp"] if self._require_exp else ["sub"],
+            "verify_aud": self._audience is not None,
+            "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+        }
         try:
             claims = jwt.decode(
                 token,
@@ -101,24 +118,54 @@ class TokenVerifier:
                 algorithms=self._algorithms,
                 issuer=self._issuer,
                 audience=self._audience,
-                leeway=self._leeway,
                 options=options,
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired", code="token_expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("token not yet valid", code="token_not_yet_valid") from None
         except (jwt.InvalidIssuerError, jwt.InvalidAudienceError):
             raise AuthError("token issuer or audience not accepted", code="wrong_claims") from None
         except jwt.InvalidSignatureError:
             raise AuthError("bad token signature", code="bad_signature") from None
         except jwt.InvalidAlgorithmError:
             raise AuthError("token algorithm not allowed", code="bad_algorithm") from None
+        except jwt.InvalidKeyError:
+            # e.g. an ES256 header against an RSA key: the key cannot verify that algorithm.
+            raise AuthError("token algorithm does not match the key", code="bad_algorithm"
+                            ) from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"token lacks the {exc.claim!r} claim", code="wrong_claims") from None
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:
+            # Every other PyJWT error (DecodeError, InvalidTokenError and its kin).
             raise AuthError("malformed token", code="malformed_token") from None
+        except (ValueError, TypeError, OverflowError):
+            # A key or signature the crypto backend chokes on: still just a bad token.
+            raise AuthError("malformed token", code="malformed_token") from None
+        if not isinstance(claims, dict):
+            raise AuthError("malformed token", code="malformed_token")
+        self._check_times(claims)
         return self._principal(claims)
+
+    def _check_times(self, claims: Mapping[str, Any]) -> None:
+        times: dict[str, float] = {}
+        for name in _TIME_CLAIMS:
+            if name not in claims:
+                continue
+            value = claims[name]
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not (isinstance(value, int) or math.isfinite(value))
+                    or not 0 <= value <= MAX_TIMESTAMP):
+                raise AuthError(f"token's {name!r} claim is not a valid NumericDate",
+                                code="wrong_claims")
+            times[name] = float(value)
+        now, leeway = time.time(), self._leeway
+        exp, nbf, iat = times.get("exp"), times.get("nbf"), times.get("iat")
+        if exp is not None and now > exp + leeway:
+            raise AuthError("token expired", code="token_expired")
+        if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
+            raise AuthError("token not yet valid", code="token_not_yet_valid")
+        if exp is not None:
+            lifetime = exp - min(iat if iat is not None else now, now)
+            if lifetime > self._max_lifetime + leeway:
+                raise AuthError("token lifetime exceeds HUB_MAX_TOKEN_LIFETIME_S",
+                                code="wrong_claims")
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         roles = _roles(claims.get(self._role_claim)) | _roles(claims.get("roles"))
@@ -153,6 +200,9 @@ def issue_token(
     extra: Mapping[str, Any] | None = None,
 ) -> str:
     """Sign a token the hub accepts (``hub token``). HS* uses JWT_SECRET; RS/ES needs a key."""
+    if not 0 < ttl_s <= settings.max_token_lifetime_s:
+        raise AuthError(f"the token lifetime must be between 1 s and HUB_MAX_TOKEN_LIFETIME_S "
+                        f"({int(settings.max_token_lifetime_s)} s)", code="bad_lifetime")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl_s)}
     if role:
@@ -173,17 +223,126 @@ def issue_token(
     return jwt.encode(claims, private_key, algorithm=algorithm)
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:
-    """Browsers send ``Origin``; anything else (servers, CLIs) sends none and passes.
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_HTTP_SCHEME = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
+Origin = tuple[str, str, int]
 
-    With an allow-list, only its entries pass; without one, only the hub's own origin (the
-    ``Host`` the browser connected to) does: cookie auth would otherwise let any site open
-    a socket with the visitor's credentials (cross-site WebSocket hijacking)."""
-    if origin is None:
-        return True
-    allowed = tuple(allowed)
-    if allowed:
-        return "*" in allowed or origin.rstrip("/") in {a.rstrip("/") for a in allowed}
-    if not host:
-        return False
-    return urlsplit(origin).netloc.lower() == host.lower()
+
+def normalise_origin(value: str | None, *, scheme: str | None = None) -> Origin | None:
+    """``(scheme, host, port)`` of an origin, or None when it is not one.
+
+    Case-insensitive scheme and host, default ports made explicit, one trailing ``/``
+    ignored; a path, query, fragment or user part makes it no origin (``null`` neither).
+    ``scheme`` is for a bare ``host[:port]`` (a ``Host`` header)."""
+    if not value:
+        return None
+    text = value.strip()
+    if scheme is not None:
+        text = f"{scheme}://{text}"
+    if text.endswith("/"):
+        text = text[:-1]
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return None
+    name = _HTTP_SCHEME.get(parts.scheme.lower())
+    host = parts.hostname
+    if (name is None or not host or parts.path or parts.query or parts.fragment
+            or "@" in parts.netloc):
+        return None
+    return name, host.lower(), port if port is not None else _DEFAULT_PORTS[name]
+
+
+def _first(value: str | None) -> str | None:
+    if value is None:
+        return None
+    first = value.split(",")[0].strip()
+    return first or None
+
+
+def _forwarded(value: str | None) -> dict[str, str]:
+    """The first element of an RFC 7239 ``Forwarded`` header, as lower-case pairs."""
+    pairs: dict[str, str] = {}
+    first = _first(value)
+    if first is None:
+        return pairs
+    for part in first.split(";"):
+        name, sep, item = part.partition("=")
+        if sep:
+            pairs[name.strip().lower()] = item.strip().strip('"')
+    return pairs
+
+
+class OriginPolicy:
+    """The one browser ``Origin`` check of every transport (``/ws/events``, Socket.IO).
+
+    Browsers send ``Origin``; anything else (servers, CLIs) sends none and passes. With an
+    allow-list, only its entries pass; without one, only the hub's own origin (scheme,
+    host and port of the request: cookie auth would otherwise let any site open a socket
+    with the visitor's credentials — cross-site WebSocket hijacking). ``X-Forwarded-Host``,
+    ``X-Forwarded-Proto`` and ``Forwarded`` say what the hub's own origin is only when the
+    TCP peer is one of ``trusted_proxies``; from anyone else they are ignored."""
+
+    def __init__(self, allowed: Iterable[str], trusted_proxies: Iterable[str] = ()) -> None:
+        allowed = tuple(allowed)
+        self.any = "*" in allowed
+        self.allowed = frozenset(o for o in (normalise_origin(a) for a in allowed if a != "*")
+                                 if o is not None)
+        trusted_proxies = tuple(trusted_proxies)
+        self._any_proxy = "*" in trusted_proxies
+        self._proxies = tuple(ipaddress.ip_network(p, strict=False)
+                              for p in trusted_proxies if p != "*")
+
+    def trusted_peer(self, peer: str | None) -> bool:
+        if self._any_proxy:
+            return True
+        if not peer or not self._proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._proxies)
+
+    def own_origin(self, headers: Mapping[str, str], scheme: str, peer: str | None
+                   ) -> Origin | None:
+        """The origin the client reached: ``Host`` and the connection's scheme, or what a
+        trusted proxy says they were."""
+        host, proto = headers.get("host"), scheme
+        if self.trusted_peer(peer):
+            forwarded = _forwarded(headers.get("forwarded"))
+            host = forwarded.get("host") or _first(headers.get("x-forwarded-host")) or host
+            proto = forwarded.get("proto") or _first(headers.get("x-forwarded-proto")) or proto
+        return normalise_origin(host, scheme=_HTTP_SCHEME.get(proto.lower(), "http"))
+
+    def allows(self, origin: str | None, headers: Mapping[str, str], scheme: str,
+               peer: str | None) -> bool:
+        if origin is None:
+            return True
+        if self.any:
+            return True
+        candidate = normalise_origin(origin)
+        if candidate is None:
+            return False
+        if self.allowed:
+            return candidate in self.allowed
+        return candidate == self.own_origin(headers, scheme, peer)
+
+    def allows_scope(self, scope: Mapping[str, Any]) -> bool:
+        """:meth:`allows` for an ASGI HTTP or WebSocket scope (hub.protocols leaves the TCP
+        peer in it; without it, e.g. under another server, forwarded headers are ignored)."""
+        headers: dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            key = name.decode("latin-1").lower()
+            if key not in headers:  # the first of repeated headers, as Starlette does
+                headers[key] = value.decode("latin-1")
+        return self.allows(headers.get("origin"), headers, str(scope.get("scheme", "http")),
+                           scope.get(PEER_KEY))
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str],
+                   scheme: str = "http") -> bool:
+    """:class:`OriginPolicy` for one request without proxies (kept for callers of the
+    earlier function)."""
+    return OriginPolicy(allowed).allows(origin, {"host": host} if host else {}, scheme, None)

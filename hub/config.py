@@ -7,6 +7,7 @@ hub drops in beside it; hub's own settings carry the ``HUB_`` prefix.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
 import socket
@@ -69,8 +70,9 @@ class Settings:
     refusal_limit: int = 5
     refusal_window_s: float = 60.0
     json_logs: bool = False
-    # Engine.IO keepalive (python-engineio's defaults); clients learn them in the handshake.
-    ping_interval_s: float = 25.0
+    # Keepalive for both transports: uvicorn's WebSocket pings on /ws/events (and Socket.IO
+    # over WebSocket) and Engine.IO's pings, whose values clients learn in the handshake.
+    ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     # Engine.IO sessions that have not connected the Socket.IO namespace (authenticated)
     # yet: how many at once, how many per client address, and for how long.
@@ -87,6 +89,23 @@ class Settings:
     history_concurrency: int = 8
     redis_max_connections: int = 100
     resume_hold_s: float = 1.0
+    # -- hardening (README "Security") ---------------------------------------------------
+    # Request line plus headers, and how many headers: larger requests get 431 at once.
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    # Request bodies; 0: the largest body an endpoint accepts (POST /events, a polling POST).
+    max_body_bytes: int = 0
+    # A connection must deliver a complete request within this; else 408 and closed.
+    handshake_timeout_s: float = 10.0
+    # Connections that have not yet sent a complete request, on this instance and per
+    # client address (configured proxies are exempt from the per-address cap).
+    max_pending_connections: int = 1024
+    max_pending_per_address: int = 256
+    # Peers (addresses or CIDR networks; "*": any) whose X-Forwarded-* / Forwarded headers
+    # are trusted.
+    trusted_proxies: tuple[str, ...] = ()
+    require_exp: bool = True
+    max_token_lifetime_s: float = 7 * 24 * 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -119,6 +138,14 @@ class Settings:
     @property
     def backend(self) -> str:
         return "redis" if self.redis_url else "memory"
+
+    @property
+    def body_limit(self) -> int:
+        """The largest request body accepted at the HTTP layer."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        # POST /events takes data plus its envelope; a polling POST one message's worth.
+        return max(self.max_data_bytes + 4096, self.max_message_bytes + 4096)
 
     @property
     def verify_key(self) -> str:
@@ -171,7 +198,8 @@ class Settings:
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
                      "max_connections_per_user", "refusal_limit",
-                     "history_concurrency", "redis_max_connections"):
+                     "history_concurrency", "redis_max_connections", "max_header_bytes",
+                     "max_headers", "max_pending_connections", "max_pending_per_address"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",
@@ -189,6 +217,20 @@ class Settings:
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:
             raise ConfigError("HUB_CLIENT_RATE and HUB_SHUTDOWN_TIMEOUT_S must be positive, "
                               "HUB_JWT_LEEWAY_S not negative")
+        for name in ("handshake_timeout_s", "close_timeout_s", "ping_interval_s",
+                     "ping_timeout_s", "max_token_lifetime_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be a positive number of seconds")
+        if self.max_body_bytes < 0:
+            raise ConfigError("HUB_MAX_BODY_BYTES must not be negative (0: automatic)")
+        for proxy in self.trusted_proxies:
+            if proxy == "*":  # any peer: only when nothing but the proxy reaches hub
+                continue
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(f"HUB_TRUSTED_PROXIES entry {proxy!r} is not an IP address "
+                                  "or network like 10.0.0.0/8") from None
         for origin in self.allowed_origins:
             if origin != "*" and not urlsplit(origin).netloc:
                 raise ConfigError(

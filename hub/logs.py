@@ -7,7 +7,8 @@ uvicorn's own ``LOGGING_CONFIG`` (same formatter and handler names), so it is pa
 same handler as uvicorn's, so a JSON deployment never mixes formats.
 
 Tokens must never reach a log: a client may put one in a query string (which the access
-log prints), an exception message may quote a header, a Redis URL carries its password.
+log prints), an exception message may quote a header, a Redis URL carries its password,
+an Engine.IO ``sid`` in a polling URL is a session credential.
 The formatters redact the finished line, whatever produced it.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +30,10 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+"), r"\1[redacted]"),
     # token=…, access_token=…, ks_access_token=…, password=… in query strings or cookies.
     (re.compile(r"(?i)\b((?:[a-z_]*token|jwt|password|secret|auth)=)[^&\s\"';]+"),
+     r"\1[redacted]"),
+    # Session ids: an Engine.IO ``sid`` is a session credential (whoever polls with it
+    # reads that session's events).
+    (re.compile(r"(?i)(?<![a-z0-9_])((?:sid|session_?id)=)[^&\s\"';]+"),
      r"\1[redacted]"),
     # The password part of redis://user:password@host URLs.
     (re.compile(r"(?i)\b(rediss?(?:\+sentinel)?://[^:/@\s]*:)[^@\s]+@"), r"\1***@"),
@@ -85,6 +91,35 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class RateLimitFilter(logging.Filter):
+    """At most one record per message and exception type per ``interval`` seconds; the
+    next one that passes says how many were suppressed.
+
+    python-engineio and python-socketio log a full traceback (about 2 KB) for every
+    malformed packet a client sends, connected or not: without a bound, any client can
+    fill the disk. The first of each kind keeps its traceback, for the bug it may be."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        key = (str(record.msg), type(exc).__name__ if exc is not None else "")
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        more = self._suppressed.pop(key, 0)
+        if more:
+            record.msg = f"{record.getMessage()} ({more} more like it suppressed)"
+            record.args = ()
+        return True
+
+
 def log_config(json_logs: bool, level: str = "info") -> dict[str, Any]:
     """A dictConfig for uvicorn and hub: human-readable, or JSON lines with ``json_logs``."""
     upper = level.upper()
@@ -112,11 +147,16 @@ def log_config(json_logs: bool, level: str = "info") -> dict[str, Any]:
             "access": {"formatter": "access", "class": "logging.StreamHandler",
                        "stream": "ext://sys.stderr" if json_logs else "ext://sys.stdout"},
         },
+        "filters": {"rate_limit": {"()": "hub.logs.RateLimitFilter"}},
         "root": {"handlers": ["default"], "level": "WARNING"},
         "loggers": {
             "hub": {"level": upper},
             "uvicorn": {"handlers": ["default"], "level": upper, "propagate": False},
             "uvicorn.error": {"level": upper},
             "uvicorn.access": {"handlers": ["access"], "level": upper, "propagate": False},
+            # Configured here, python-engineio/socketio add no StreamHandler of their own
+            # (which printed unredacted lines); their per-packet tracebacks are bounded.
+            "engineio.server": {"level": "ERROR", "filters": ["rate_limit"]},
+            "socketio.server": {"level": "ERROR", "filters": ["rate_limit"]},
         },
     }

@@ -38,18 +38,22 @@ class HubServer(uvicorn.Server):
 def uvicorn_config(app: Any, settings: Settings, host: str, port: int, log_level: str,
                    **extra: Any) -> uvicorn.Config:
     from hub.logs import log_config
+    from hub.protocols import hub_config
 
     # hub's log format (JSON with HUB_JSON_LOGS) and token scrubbing; workers pass their own.
     extra.setdefault("log_config", log_config(settings.json_logs, log_level))
-    return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="on",
-        ws_max_size=settings.max_message_bytes,
-        # The sans-I/O protocol is the one hub writes pre-encoded frames to; compression off,
-        # as in socket.io's default, since per-recipient deflate would undo encode-once.
-        ws="websockets-sansio", ws_per_message_deflate=False,
-        ws_ping_interval=20.0, ws_ping_timeout=20.0,
+    # httptools and websockets-sansio under hub's limits (hub.protocols): the sans-I/O
+    # protocol is the one hub writes pre-encoded frames to; compression off, as in
+    # socket.io's default, since per-recipient deflate would undo encode-once.
+    return hub_config(
+        app, settings, host=host, port=port, log_level=log_level, lifespan="on",
+        ws_max_size=settings.max_message_bytes, ws_per_message_deflate=False,
+        ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 5,
-        proxy_headers=True, server_header=False, **extra,
+        # X-Forwarded-For/-Proto only from the configured proxies (uvicorn's own default
+        # trusts 127.0.0.1, i.e. anyone when hub runs beside an untrusting proxy).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies), server_header=False, **extra,
     )
 
 

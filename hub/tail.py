@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from typing import Any, NoReturn, TextIO
 
@@ -51,6 +52,35 @@ LEVEL_COLOURS = {
 }
 
 
+# What a terminal would act on rather than show: C0 controls (ESC, CR, BS, BEL…), DEL, C1
+# controls (U+009B is a one-character CSI), and the line/paragraph separators and bidi
+# overrides that reorder or break what is displayed around them.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\x9b``):
+    event data is untrusted, and a raw OSC or CSI sequence would retitle the window, write
+    the clipboard or overwrite earlier lines."""
+    return _UNSAFE.sub(_escape, str(text))
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def json_line(envelope: object) -> str:
+    """One JSON document with no raw control character in it: orjson escapes C0 already;
+    DEL, C1 and the separators/bidi controls become ``\\uXXXX`` (inside JSON they can only
+    be in strings, where the escape means the same character)."""
+    return _UNSAFE.sub(_json_escape, orjson.dumps(envelope).decode())
+
+
 def level(event: Event) -> str:
     """The one word that says how bad an event is: its severity, or the new status."""
     data = event.data
@@ -81,16 +111,21 @@ def summary(event: Event) -> str:
 
 
 def format_line(event: Event, colour: bool) -> str:
-    """``HH:MM:SS.mmm  type  LEVEL  summary  id`` — coloured by type and severity."""
-    clock = event.timestamp[11:23] if len(event.timestamp) >= 23 else event.timestamp
-    lvl = level(event)
-    tenant = f" [tenant {event.tenant}]" if event.tenant else ""
+    """``HH:MM:SS.mmm  type  LEVEL  summary  id`` — coloured by type and severity. Every
+    field is passed through :func:`printable`, colour or not."""
+    clock = printable(event.timestamp[11:23] if len(event.timestamp) >= 23 else event.timestamp)
+    raw_level = level(event)
+    lvl = printable(raw_level.upper())
+    name = printable(event.type)
+    text = printable(summary(event))
+    ident = printable(event.id)
+    tenant = f" [tenant {printable(event.tenant)}]" if event.tenant else ""
     if not colour:
-        return f"{clock}  {event.type:<22} {lvl.upper():<9} {summary(event)}{tenant}  {event.id}"
+        return f"{clock}  {name:<22} {lvl:<9} {text}{tenant}  {ident}"
     type_colour = TYPE_COLOURS.get(event.type, BOLD)
-    lvl_text = f"{LEVEL_COLOURS.get(lvl, '')}{lvl.upper():<9}{RESET}" if lvl else " " * 9
-    return (f"{DIM}{clock}{RESET}  {type_colour}{event.type:<22}{RESET} {lvl_text} "
-            f"{summary(event)}{tenant}  {DIM}{event.id}{RESET}")
+    lvl_text = f"{LEVEL_COLOURS.get(raw_level, '')}{lvl:<9}{RESET}" if lvl else " " * 9
+    return (f"{DIM}{clock}{RESET}  {type_colour}{name:<22}{RESET} {lvl_text} "
+            f"{text}{tenant}  {DIM}{ident}{RESET}")
 
 
 def use_colour(stream: TextIO, mode: str) -> bool:
@@ -167,7 +202,7 @@ async def _tail(args: argparse.Namespace, token: str) -> None:
     err_colour = use_colour(sys.stderr, args.color)
 
     def on_notice(notice: Notice) -> None:
-        text = f"hub tail: {notice.message}"
+        text = f"hub tail: {printable(notice.message)}"
         if err_colour and notice.kind in (NoticeKind.DISCONNECTED, NoticeKind.HISTORY_TRUNCATED,
                                           NoticeKind.ERROR):
             text = f"\033[33m{text}{RESET}"
@@ -178,9 +213,6 @@ async def _tail(args: argparse.Namespace, token: str) -> None:
     async with subscribe(args.url, token, types=args.types, last_event_id=args.since,
                          retry_for=args.retry_for, on_notice=on_notice) as events:
         async for event in events:
-            if args.json:
-                line = orjson.dumps(event.envelope()).decode()
-            else:
-                line = format_line(event, colour)
+            line = json_line(event.envelope()) if args.json else format_line(event, colour)
             out.write(line + "\n")
             out.flush()

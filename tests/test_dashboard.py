@@ -317,3 +317,45 @@ async def test_publish_form_and_screenshot(page: Page, tmp_path: Path) -> None:
         if os.environ.get("HUB_UPDATE_SCREENSHOTS") == "1":
             SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copyfile(shot, SCREENSHOT)
+
+
+# -- security headers (issue 10) --------------------------------------------------------
+async def test_dashboard_sends_security_headers_and_a_relative_redirect(
+        memory_hub: RunningHub) -> None:
+    async with httpx.AsyncClient(base_url=memory_hub.url) as client:
+        page = await client.get("/dashboard/")
+        script = await client.get("/dashboard/app.js")
+        redirect = await client.get("/dashboard", headers={"Host": "evil.example"})
+    for response in (page, script):
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+    assert redirect.status_code in (301, 302, 307, 308)
+    assert redirect.headers["location"] == "/dashboard/"  # a path, not built from Host
+
+
+@in_browser
+async def test_dashboard_works_under_its_csp_and_keeps_the_token_in_memory(page: Page) -> None:
+    violations: list[str] = []
+    page.on("console", lambda msg: violations.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
+    async with run_hub(make_settings()) as hub:
+        await page.add_init_script(
+            "document.addEventListener('securitypolicyviolation', e => "
+            "(window.__csp = window.__csp || []).push(e.violatedDirective + ' ' + e.blockedURI))")
+        token = make_token("alice", "viewer")
+        await sign_in(page, hub, token)
+        event_id = await post_event(hub, "threat_detected", THREAT)
+        await expect(row(page, event_id)).to_be_visible()
+        await page.uncheck('#filters input[data-type="threat_detected"]')
+        await expect(row(page, event_id)).to_be_hidden()  # filtering without inline styles
+        await page.check('#filters input[data-type="threat_detected"]')
+        await expect(row(page, event_id)).to_be_visible()
+        assert await page.evaluate("window.__csp || []") == []
+        assert violations == []
+        stored = await page.evaluate(
+            "JSON.stringify(Object.assign({}, sessionStorage, localStorage))")
+        assert token not in stored and stored == "{}"

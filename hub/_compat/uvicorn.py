@@ -21,7 +21,8 @@ def sansio_protocol(send: Any) -> Any | None:
     """The uvicorn protocol behind a raw ASGI ``send``; None under anything else (another
     server or protocol, or middleware that wrapped ``send``)."""
     protocol: Any = getattr(send, "__self__", None)
-    if protocol is None or type(protocol).__name__ != PROTOCOL_CLASS:
+    if protocol is None or not any(  # uvicorn's protocol, or hub's subclass of it
+            cls.__name__ == PROTOCOL_CLASS for cls in type(protocol).__mro__):
         return None
     if not all(hasattr(protocol, name) for name in ATTRIBUTES):
         return None  # a uvicorn release that changed its internals: use ASGI

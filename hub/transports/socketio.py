@@ -253,9 +253,11 @@ class SocketIOTransport:
     def __init__(self, hub: Hub, manager: Any) -> None:
         self.hub = hub
         settings = hub.settings
-        origins: Any = None  # python-engineio's default: the hub's own origin only
-        if settings.allowed_origins:
-            origins = "*" if "*" in settings.allowed_origins else list(settings.allowed_origins)
+        # hub's one Origin check (hub.auth.OriginPolicy; HubApp applies it before this app
+        # too), instead of python-engineio's, which compares text and trusts any client's
+        # X-Forwarded-Host; engine.io still uses the answer for its CORS headers.
+        def origins(origin: str, environ: dict[str, Any]) -> bool:
+            return hub.origins.allows_scope(environ["asgi.scope"])
         self.sio = _Server(
             async_mode="asgi",
             client_manager=manager,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from hub.auth import AuthError, Principal, origin_allowed, token_from_headers
+from hub.auth import AuthError, Principal, token_from_headers
 from hub.dispatch.base import Subscriber
 from hub.events import Event
 from hub.exceptions import ProtocolError
@@ -208,10 +208,8 @@ class PlainTransport:
 
     async def endpoint(self, websocket: WebSocket) -> None:
         hub = self.hub
-        settings = hub.settings
         headers = websocket.headers
-        if not origin_allowed(headers.get("origin"), headers.get("host"),
-                              settings.allowed_origins):
+        if not hub.origins.allows_scope(websocket.scope):
             try:  # only to name the user in the log
                 user: str | None = hub.verifier.verify(token_from_headers(headers)).user_id
             except AuthError:

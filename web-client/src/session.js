@@ -1,33 +1,23 @@
-// Who is signed in: a pasted token kept in sessionStorage (this tab only, gone when it
-// closes), or the ks_access_token cookie that the browser sends by itself.
+// Who is signed in: a pasted token kept in this page's memory only (gone on reload; never
+// in sessionStorage, where any script on the origin, or a later visitor of the tab,
+// could read it back), or the ks_access_token cookie that the browser sends by itself.
 
 const KEY = "hub.dashboard.auth";
 const COOKIE = "ks_access_token";
 
+let current = null;
+
 export function loadAuth() {
-  try {
-    const raw = sessionStorage.getItem(KEY);
-    if (raw) return JSON.parse(raw);
-  } catch {
-    // A corrupt or blocked sessionStorage just means: not signed in.
-  }
+  if (current) return current;
   return cookieToken() ? { mode: "cookie" } : null;
 }
 
 export function saveAuth(auth) {
-  try {
-    sessionStorage.setItem(KEY, JSON.stringify(auth));
-  } catch {
-    // Storage disabled: the session lasts until the page is reloaded.
-  }
+  current = auth;
 }
 
 export function clearAuth() {
-  try {
-    sessionStorage.removeItem(KEY);
-  } catch {
-    // Nothing stored.
-  }
+  current = null;
 }
 
 /** The cookie's token when the page can read it (not HttpOnly), else null. */
