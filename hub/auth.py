@@ -26,7 +26,8 @@ MAX_TOKEN_BYTES = 8 * 1024
 # boolean, 1e400 or 10**400 is refused rather than ignored, or overflowing a float.
 MAX_TIMESTAMP = 253_402_300_799
 _TIME_CLAIMS = ("exp", "nbf", "iat")
-# Where hub's uvicorn protocols (hub.protocols) leave the TCP peer's address in a scope.
+# Where hub's uvicorn protocols (hub._compat.uvicorn_protocols) leave the TCP peer's
+# address in a scope.
 PEER_KEY = "hub.peer"
 
 
@@ -330,8 +331,9 @@ class OriginPolicy:
         return candidate == self.own_origin(headers, scheme, peer)
 
     def allows_scope(self, scope: Mapping[str, Any]) -> bool:
-        """:meth:`allows` for an ASGI HTTP or WebSocket scope (hub.protocols leaves the TCP
-        peer in it; without it, e.g. under another server, forwarded headers are ignored)."""
+        """:meth:`allows` for an ASGI HTTP or WebSocket scope (hub._compat.uvicorn_protocols
+        leaves the TCP peer in it; without it, e.g. under another server, forwarded headers
+        are ignored)."""
         headers: dict[str, str] = {}
         for name, value in scope.get("headers", ()):
             key = name.decode("latin-1").lower()

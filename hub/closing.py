@@ -10,7 +10,8 @@ holds for it for as long as the peer keeps the TCP connection up (a keepalive ti
 is still buffered, aborts the transport (RST, buffer dropped) ``grace`` seconds later if the
 peer has not taken it by then. Everything else is the wrapped transport's; the hot
 ``write`` is the wrapped transport's own bound method, so writing through the wrapper costs
-nothing. Used by hub's uvicorn protocols (hub.protocols) for HTTP and WebSocket alike.
+nothing. Used by hub's uvicorn protocols (hub._compat.uvicorn_protocols) for HTTP and
+WebSocket alike.
 """
 
 from __future__ import annotations

@@ -37,13 +37,13 @@ class HubServer(uvicorn.Server):
 
 def uvicorn_config(app: Any, settings: Settings, host: str, port: int, log_level: str,
                    **extra: Any) -> uvicorn.Config:
+    from hub._compat.uvicorn_protocols import hub_config
     from hub.logs import log_config
-    from hub.protocols import hub_config
 
     # hub's log format (JSON with HUB_JSON_LOGS) and token scrubbing; workers pass their own.
     extra.setdefault("log_config", log_config(settings.json_logs, log_level))
-    # httptools and websockets-sansio under hub's limits (hub.protocols): the sans-I/O
-    # protocol is the one hub writes pre-encoded frames to; compression off, as in
+    # httptools and websockets-sansio under hub's limits (hub._compat.uvicorn_protocols):
+    # the sans-I/O protocol is the one hub writes pre-encoded frames to; compression off, as in
     # socket.io's default, since per-recipient deflate would undo encode-once.
     return hub_config(
         app, settings, host=host, port=port, log_level=log_level, lifespan="on",

@@ -99,7 +99,10 @@ def serve(tmp_path: Path, env: dict[str, str], *, nofile: int | None = None,
 
     process = subprocess.Popen(
         [sys.executable, "-m", "hub", "serve", "--port", str(port), "--log-level", log_level],
-        env={**os.environ, "JWT_SECRET": SECRET, **env}, stdout=log_path.open("w"),
+        # Many refusals from 127.0.0.1 on purpose: each must show its own close code, not the
+        # early 403 that repeated refusals from one address get (tests/test_proxy_compat.py).
+        env={**os.environ, "JWT_SECRET": SECRET, "HUB_REFUSAL_LIMIT": "100000", **env},
+        stdout=log_path.open("w"),
         stderr=subprocess.STDOUT, text=True, preexec_fn=limit)
     deadline = time.monotonic() + 30
     while True:
@@ -501,17 +504,25 @@ def test_tail_json_is_pure_json_without_raw_control_characters() -> None:
 
 # -- 10.9: a malformed packet costs one log line, not a traceback each ---------------------
 async def test_malformed_socketio_packets_do_not_flood_the_log(plain: Served) -> None:
+    """A malformed packet on a session that never connected a namespace ends that session
+    (hub/transports/socketio.py); 30 of them, each on a session of its own, cost no
+    traceback and a bounded number of log lines."""
+    before = len(plain.log().splitlines())
     async with httpx.AsyncClient(base_url=plain.url, timeout=10) as client:
-        opened = await client.get("/socket.io/?EIO=4&transport=polling")
-        sid = json.loads(opened.text[1:])["sid"]
-        for _ in range(30):  # on a session that never connected a namespace
+        for _ in range(30):
+            opened = await client.get("/socket.io/?EIO=4&transport=polling")
+            sid = json.loads(opened.text[1:])["sid"]
             response = await client.post(f"/socket.io/?EIO=4&transport=polling&sid={sid}",
                                          content=b'42["x"')
-            assert response.status_code == 200
-    await wait_until(lambda: "handler error" in plain.log(), 10, "the first report")
+            assert response.status_code in (200, 400)
+            # The session is gone: engine.io answers its sid as unknown.
+            again = await client.get(f"/socket.io/?EIO=4&transport=polling&sid={sid}")
+            assert again.status_code == 400
     log = plain.log()
-    assert log.count("handler error") == 1, log[-3000:]
-    assert log.count("Traceback") <= 1
+    assert "Traceback" not in log, log[-3000:]
+    # Besides the access log (a line per request in any case): at most a line per session.
+    hub_lines = [line for line in log.splitlines()[before:] if " HTTP/1.1\" " not in line]
+    assert len(hub_lines) <= 30 + 5, hub_lines[-20:]
     assert (await plain.health())["status"] == "healthy"
 
 

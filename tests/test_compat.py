@@ -46,13 +46,45 @@ def test_compat_error_names_library_and_version() -> None:
 
 
 # -- uvicorn ----------------------------------------------------------------------------
+def test_uvicorn_protocols_hub_extends_have_what_it_overrides() -> None:
+    """hub/_compat/uvicorn_protocols.py subclasses uvicorn's httptools and websockets-sansio
+    protocols (the request limits and bounded closes): the hooks it overrides and the
+    state it reads must be there."""
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    for name in ("connection_made", "connection_lost", "data_received", "eof_received",
+                 "pause_writing", "resume_writing", "on_message_begin", "on_url",
+                 "on_header", "on_headers_complete", "on_body", "on_message_complete"):
+        expect(callable(getattr(HttpToolsProtocol, name, None)), "uvicorn",
+               f"HttpToolsProtocol.{name} exists (hub's HTTP limits override it)")
+    for name in ("connection_made", "connection_lost", "data_received", "handle_connect",
+                 "send"):
+        expect(callable(getattr(WebSocketsSansIOProtocol, name, None)), "uvicorn",
+               f"WebSocketsSansIOProtocol.{name} exists (hub's bounded close overrides it)")
+    params = list(inspect.signature(HttpToolsProtocol.__init__).parameters)
+    expect(params[:5] == ["self", "config", "server_state", "app_state", "_loop"], "uvicorn",
+           f"HttpToolsProtocol(config, server_state, app_state, _loop) (got {params})")
+    params = list(inspect.signature(WebSocketsSansIOProtocol.__init__).parameters)
+    expect(params[:5] == ["self", "config", "server_state", "app_state", "_loop"], "uvicorn",
+           f"WebSocketsSansIOProtocol(config, server_state, app_state, _loop) (got {params})")
+    source = inspect.getsource(WebSocketsSansIOProtocol)
+    for attribute in ("self.conn", "self.queue", "self.handshake_initiated",
+                      "self.handshake_complete", "self.initial_response", "self.client"):
+        expect(attribute in source, "uvicorn",
+               f"WebSocketsSansIOProtocol keeps {attribute} (read by hub's protocol)")
+    expect(hasattr(httptools, "HttpRequestParser"), "httptools", "HttpRequestParser exists")
+
+
 async def _protocol(hub: RunningHub) -> tuple[Any, Any]:
     ws = await connected(hub.ws_url, make_token())
     await wait_until(lambda: hub.hub.websocket.connections, what="the connection")
     conn = next(iter(hub.hub.websocket.connections))
     send = conn.websocket.scope[SEND_KEY]
     protocol = getattr(send, "__self__", None)
-    expect(protocol is not None and type(protocol).__name__ == uvicorn_compat.PROTOCOL_CLASS,
+    expect(protocol is not None and any(cls.__name__ == uvicorn_compat.PROTOCOL_CLASS
+                                        for cls in type(protocol).__mro__),
            "uvicorn", f"the raw ASGI send of a WebSocket is {uvicorn_compat.PROTOCOL_CLASS}"
            f".send (got {send!r})")
     return ws, protocol
