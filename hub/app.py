@@ -63,7 +63,7 @@ class Hub:
     def _backend(self, settings: Settings, redis: aioredis.Redis | None) -> Backend:
         if redis is None and settings.redis_url is None:
             return MemoryBackend(settings.history_size)
-        from hub.dispatch.redis import RedisBackend, open_redis
+        from hub.dispatch.redis import RedisBackend, journal_for, open_redis
 
         owns = redis is None
         client = redis if redis is not None else open_redis(settings.redis_url or "")
@@ -73,10 +73,18 @@ class Hub:
             legacy_channel=settings.legacy_channel,
             legacy_parser=self._parse_legacy,
             instance_id=settings.instance_id,
+            journal=journal_for(settings, client),
             on_reconnect=self.metrics.redis_reconnects.inc,
-            on_spool_overflow=lambda: self.metrics.dropped.labels("spool_full").inc(),
+            on_spool_overflow=self.metrics.journal_full.inc,
             on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
+            on_health=self._redis_health,
+            on_malformed=self.metrics.malformed_entries.inc,
         )
+
+    def _redis_health(self, values: dict[str, float]) -> None:
+        self.metrics.reader_lag.set(values["reader_lag_s"])
+        self.metrics.round_trip.set(values["round_trip_s"])
+        self.metrics.journal_events.set(values["journal_events"])
 
     def _parse_legacy(self, raw: bytes) -> Any:
         return self.dispatcher.parse_legacy(raw)
@@ -111,6 +119,11 @@ class Hub:
 
     async def stop(self) -> None:
         await self.drain()
+        # Acknowledged events still in the outage journal: give Redis the shutdown timeout
+        # to take them (what is left stays on disk for the next instance, and is logged).
+        backend_drain = getattr(self.dispatcher.backend, "drain", None)
+        if backend_drain is not None:
+            await backend_drain(self.settings.shutdown_timeout_s)
         await self.dispatcher.stop()
 
     async def _announce(self, status: str, message: str) -> Event | None:
@@ -128,16 +141,18 @@ class Hub:
         backend = self.dispatcher.backend
         ws = len(self.websocket.connections)
         sio = len(self.socketio.connections)
+        problems = backend.problems()
         if self.started_at is None:
             status, code = "unhealthy", 503
-        elif backend.connected:
+        elif not problems:
             status, code = "healthy", 200
         else:
             status, code = "degraded", 200
         return JSONResponse({
             "status": status,
+            "reasons": problems,
             "active_connections": ws + sio,
-            "redis_connected": backend.name == "redis" and backend.connected,
+            "redis_connected": backend.name == "redis" and backend.subscribed,
             "backend": backend.name,
             "instance_id": self.settings.instance_id,
             "version": __version__,
@@ -177,8 +192,10 @@ class Hub:
         except BackendUnavailable as exc:
             return _error(503, exc.code, "the event backend is unavailable; retry later",
                           headers={"Retry-After": "1"})
-        return JSONResponse({"id": event.id, "type": event.type, "timestamp": event.timestamp},
-                            status_code=202)
+        # durable: in Redis, shared with every instance. False: accepted into this
+        # instance's fsynced outage journal and delivered here; shared when Redis returns.
+        return JSONResponse({"id": event.id, "type": event.type, "timestamp": event.timestamp,
+                             "durable": event.shared}, status_code=202)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

@@ -60,6 +60,10 @@ class Settings:
     max_connections: int = 10_000
     max_connections_per_user: int = 100
     shutdown_timeout_s: float = 10.0
+    # The outage journal (Redis backend): acknowledged events not in Redis yet. Empty: the
+    # default, $XDG_STATE_HOME/hub/journal or ~/.local/state/hub/journal.
+    journal_dir: str = ""
+    journal_max_events: int = 100_000
     json_logs: bool = False
 
     @classmethod
@@ -144,7 +148,7 @@ class Settings:
                 )
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
-                     "max_connections_per_user"):
+                     "max_connections_per_user", "journal_max_events"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         if self.client_rate <= 0 or self.shutdown_timeout_s <= 0 or self.jwt_leeway_s < 0:

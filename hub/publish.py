@@ -10,11 +10,13 @@ from types import TracebackType
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 from hub.backoff import Backoff
 from hub.config import Settings
-from hub.dispatch.redis import append, open_redis
-from hub.events import Event, EventTypes, now_timestamp
+from hub.dispatch.ledger import Ids
+from hub.dispatch.redis import APPEND, append_event, open_redis
+from hub.events import Event, EventTypes, id_key, now_timestamp
 from hub.exceptions import BackendUnavailable
 
 
@@ -26,6 +28,8 @@ class Publisher:
 
     While Redis is unreachable, ``publish`` retries with jittered backoff for up to
     ``retry_for_s`` seconds, then raises :class:`~hub.exceptions.BackendUnavailable`.
+    The event's id is chosen before the first attempt and every retry carries it, so a
+    retry of an append that had in fact run (its reply lost) is recognised, not doubled.
     """
 
     def __init__(
@@ -48,6 +52,9 @@ class Publisher:
         self._types = EventTypes(extra_event_types)
         self._max_data_bytes = max_data_bytes
         self._retry_for_s = retry_for_s
+        self._ids = Ids()
+        self._script = self.redis.register_script(APPEND)
+        self._origin = "publisher-" + format(self._ids.salt, "x")
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Publisher:
@@ -61,19 +68,26 @@ class Publisher:
     async def publish(self, type_: str, data: dict[str, Any]) -> Event:
         """Validate and publish one event; return it with its id."""
         name, clean = self._types.validate(type_, data, max_bytes=self._max_data_bytes)
-        event = Event(id="", type=name, timestamp=now_timestamp(), data=clean)
-        body = event.body()
+        event = Event(id=self._ids.next(_now_ms()), type=name, timestamp=now_timestamp(),
+                      data=clean)
         deadline = time.monotonic() + self._retry_for_s
         backoff = Backoff(base=0.05, cap=2.0)
         while True:
             try:
-                event.id = await append(self.redis, self._key, self._maxlen, body)
-                return event
-            except BackendUnavailable:
+                outcome, detail = await append_event(self._script, self._key, self._maxlen,
+                                                     event, self._origin, relocate=False)
+            except (RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise BackendUnavailable(f"redis unavailable: {exc}") from exc
                 await asyncio.sleep(delay)
+                continue
+            if outcome != "stale":
+                return event
+            # Nothing was appended: the stream had moved past the id; take a later one.
+            self._ids.learn(id_key(detail))
+            event = Event(id=self._ids.next(_now_ms()), type=name,
+                          timestamp=event.timestamp, data=clean)
 
     async def aclose(self) -> None:
         if self._owns:
@@ -85,3 +99,7 @@ class Publisher:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
