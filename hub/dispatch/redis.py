@@ -70,8 +70,12 @@ LEGACY_SUFFIX = ":legacy"
 #   appended; the caller picks a later id, the publish has not been answered yet);
 # - "moved": the stream has moved past it while appending after an outage: appended at a
 #   new position with the id kept in field ``i`` and recorded in ``<stream>:moved`` (for
-#   this check and for resumes from that id). The event keeps the id its publish returned.
+#   this check and for resumes from that id). The event keeps the id its publish returned;
+# - "reset": Redis lost its data since this instance last looked (``<stream>:epoch`` is not
+#   the one it knows): nothing is appended until it has appended its recent events again,
+#   so none of its later events overtakes them on another instance.
 APPEND = """
+if ARGV[6] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[6] then return {'reset', ''} end
 local id = ARGV[2]
 local found = redis.call('XRANGE', KEYS[1], id, id)
 if #found > 0 then
@@ -162,10 +166,12 @@ def _field(fields: Any, name: str) -> str | None:
 
 
 async def append_event(script: Any, key: str, maxlen: int, event: Event, origin: str, *,
-                       relocate: bool) -> tuple[str, str]:
-    """Run :data:`APPEND` for ``event``; returns (outcome, id or stream position)."""
-    reply = await script(keys=[key, key + MOVED_SUFFIX],
-                         args=[maxlen, event.id, event.body(), origin, "1" if relocate else "0"])
+                       relocate: bool, epoch: str | None = None) -> tuple[str, str]:
+    """Run :data:`APPEND` for ``event``; returns (outcome, id or stream position).
+    ``epoch``: the dataset the caller knows (None: do not check)."""
+    reply = await script(keys=[key, key + MOVED_SUFFIX, key + EPOCH_SUFFIX],
+                         args=[maxlen, event.id, event.body(), origin, "1" if relocate else "0",
+                               epoch or ""])
     return _str(reply[0]), _str(reply[1])
 
 
@@ -449,7 +455,11 @@ class RedisBackend(Backend):
         for _ in range(100):
             outcome, detail = await asyncio.wait_for(
                 append_event(self._append_script, self._key, self._maxlen, event,
-                             self._instance_id, relocate=False), COMMAND_TIMEOUT_S)
+                             self._instance_id, relocate=False, epoch=self._epoch),
+                COMMAND_TIMEOUT_S)
+            if outcome == "reset":
+                await self._check_epoch()
+                raise RedisError("redis lost its data: appending recent events again first")
             if outcome != "stale":
                 return event
             self.ledger.stale(detail)
@@ -494,9 +504,13 @@ class RedisBackend(Backend):
             while self.ledger.pending:
                 event = self.ledger.pending[0]
                 try:
-                    await asyncio.wait_for(append_event(
+                    outcome, _ = await asyncio.wait_for(append_event(
                         self._append_script, self._key, self._maxlen, event,
-                        self._instance_id, relocate=True), COMMAND_TIMEOUT_S)
+                        self._instance_id, relocate=True, epoch=self._epoch),
+                        COMMAND_TIMEOUT_S)
+                    if outcome == "reset":
+                        await self._check_epoch()
+                        continue
                 except (RedisError, OSError, TimeoutError) as exc:
                     self._wrote(exc)
                     await asyncio.sleep(backoff.next_delay())
