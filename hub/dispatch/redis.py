@@ -111,7 +111,9 @@ return {'moved', pos}
 # below G was claimed by a quicker instance. Identical payloads are told apart by their
 # place in the count, not by their content. A subscription learns its offset at its first
 # message (or when a mismatch shows it is misaligned): the oldest message with the same
-# digest claimed in the last LEGACY_ALIGN_MS is taken to be the same one, else it is new.
+# digest claimed since the subscription started (Redis time read before SUBSCRIBE: older
+# claims are of messages it never received) and within LEGACY_ALIGN_MS is taken to be the
+# same one, else it is new.
 _CLAIM_LEGACY = """
 local n = tonumber(ARGV[3])
 local d = ARGV[4]
@@ -137,7 +139,7 @@ if not g then
     local claimed = redis.call('HGET', log, k)
     if not claimed then break end
     local cd, ms = string.match(claimed, '^(%x+):(%d+)$')
-    if now - tonumber(ms) > tonumber(ARGV[6]) then break end
+    if tonumber(ms) < math.max(tonumber(ARGV[6]), now - tonumber(ARGV[8])) then break end
     if cd == d then g = k end
   end
   redis.call('HSET', offsets, ARGV[2], g - n)
@@ -309,6 +311,7 @@ class RedisBackend(Backend):
         self._legacy_pubsub: Any = None  # subscribed at start, until the loop takes it
         self._legacy_sub = ""  # this subscription's name in the claim script
         self._legacy_n = 0  # messages received on this subscription
+        self._legacy_since_ms = 0  # Redis time just before it subscribed
         self._manager = HubRedisManager(client, socketio_channel)
         self._append_script = client.register_script(APPEND)
         self._claim = client.register_script(_CLAIM_LEGACY)
@@ -707,6 +710,8 @@ class RedisBackend(Backend):
                 self._wrote(None)
 
     async def _subscribe_legacy(self) -> Any:
+        seconds, micros = await self.redis.time()
+        since_ms = int(seconds) * 1000 + int(micros) // 1000
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._legacy_channel)
@@ -717,6 +722,7 @@ class RedisBackend(Backend):
         # the claim script, which aligns it with the channel's shared message count.
         self._legacy_sub = f"{self._instance_id}:{secrets.token_hex(4)}"
         self._legacy_n = 0
+        self._legacy_since_ms = since_ms
         self._alive["legacy"] = True
         return pubsub
 
@@ -749,7 +755,7 @@ class RedisBackend(Backend):
         result = await self._claim(
             keys=[self._key, self._key + LEGACY_SUFFIX],
             args=[self._maxlen, self._legacy_sub, self._legacy_n, digest, body,
-                  LEGACY_ALIGN_MS, LEGACY_LOG])
+                  self._legacy_since_ms, LEGACY_LOG, LEGACY_ALIGN_MS])
         if parsed is None:
             self._on_legacy("invalid")
         else:
