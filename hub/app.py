@@ -30,6 +30,7 @@ from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
 from hub.events import SYSTEM_STATUS, Event, EventTypes
 from hub.exceptions import BackendUnavailable, EventError
+from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
@@ -55,6 +56,9 @@ class Hub:
             max_subscribe_types=settings.max_subscribe_types,
             batch=coalesced_writes,
         )
+        backend = self.dispatcher.backend
+        self.idempotency = IdempotencyKeys(getattr(backend, "redis", None),
+                                           settings.stream_key + ":idem:")
         self.websocket = PlainTransport(self)
         self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
         self.started_at: float | None = None
@@ -173,6 +177,16 @@ class Hub:
         if not principal.can_publish:
             self.metrics.auth_failures.labels("forbidden").inc()
             return _error(403, "forbidden", "this token's role may not publish")
+        idempotency_key = request.headers.get("idempotency-key")
+        scoped = None
+        if idempotency_key is not None:
+            if not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
+                return _error(400, "invalid_idempotency_key",
+                              f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+            scoped = self.idempotency.scoped(principal.user_id, idempotency_key)
+            earlier = await self.idempotency.recall(scoped)
+            if earlier is not None:  # a retry of a request that was answered: same reply
+                return JSONResponse({**earlier, "duplicate": True}, status_code=202)
         limit = self.settings.max_data_bytes + 4096  # data plus the envelope around it
         body = bytearray()
         async for chunk in request.stream():  # stop reading at the limit, not after it
@@ -194,8 +208,11 @@ class Hub:
                           headers={"Retry-After": "1"})
         # durable: in Redis, shared with every instance. False: accepted into this
         # instance's fsynced outage journal and delivered here; shared when Redis returns.
-        return JSONResponse({"id": event.id, "type": event.type, "timestamp": event.timestamp,
-                             "durable": event.shared}, status_code=202)
+        reply = {"id": event.id, "type": event.type, "timestamp": event.timestamp,
+                 "durable": event.shared}
+        if scoped is not None:
+            await self.idempotency.remember(scoped, reply)
+        return JSONResponse(reply, status_code=202)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

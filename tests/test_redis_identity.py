@@ -229,3 +229,32 @@ async def test_publish_during_an_outage_says_not_durable_and_is_journalled(
         assert (await recv_json(ws_b, timeout=30))["id"] == held["id"]
         await wait_until(lambda: len(journal) == 0, timeout=20, what="the journal to drain")
         await ws_b.close()
+
+
+async def test_a_retried_post_with_an_idempotency_key_is_published_once(
+        redis_hubs: tuple[Any, Any]) -> None:
+    """The publisher's first reply was lost; it retries (here: on the other instance)."""
+    a, b = redis_hubs
+    ws = await connected(b.ws_url, make_token())
+    await send_json(ws, {"action": "subscribe", "event_types": ["cost_threshold_alert"]})
+    await recv_json(ws)
+    body = {"type": "cost_threshold_alert", "data": {"severity": "info", "message": "once"}}
+
+    def headers(user: str, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {make_token(user, role='admin')}",
+                "Idempotency-Key": key}
+
+    async with httpx.AsyncClient() as http:
+        first = (await http.post(f"{a.url}/events", headers=headers("p", "k1"), json=body))
+        again = (await http.post(f"{b.url}/events", headers=headers("p", "k1"), json=body))
+        other = (await http.post(f"{a.url}/events", headers=headers("q", "k1"), json=body))
+        bad = await http.post(f"{a.url}/events", headers=headers("p", "x" * 300), json=body)
+    assert first.status_code == again.status_code == other.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.json()["duplicate"] is True
+    assert other.json()["id"] != first.json()["id"]  # keys are per publisher
+    assert bad.status_code == 400
+    assert [(await recv_json(ws))["id"] for _ in range(2)] == [first.json()["id"],
+                                                               other.json()["id"]]
+    marker = await a.publish("cost_threshold_alert", {"severity": "info", "message": "end"})
+    assert (await recv_json(ws))["id"] == marker.id  # nothing in between: no third copy
+    await ws.close()
