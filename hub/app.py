@@ -79,7 +79,7 @@ class Hub:
             instance_id=settings.instance_id,
             journal=journal_for(settings, client),
             on_reconnect=self.metrics.redis_reconnects.inc,
-            on_spool_overflow=self.metrics.journal_full.inc,
+            on_journal_full=self.metrics.journal_full.inc,
             on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
             on_health=self._redis_health,
             on_malformed=self.metrics.malformed_entries.inc,

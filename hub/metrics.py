@@ -46,7 +46,8 @@ class Metrics:
             registry=r)
         self.legacy = Counter(
             "hub_legacy_envelopes", "Envelopes read from the legacy Redis channel, by result "
-            "(appended: this instance entered it; duplicate: another instance did; invalid)",
+            "(appended: this instance entered it; duplicate: another instance did; invalid; "
+            "refused: Redis refused the claim, e.g. out of memory)",
             ["result"], registry=r)
         self.reader_lag = Gauge(
             "hub_redis_reader_lag_seconds",

@@ -261,7 +261,7 @@ class RedisBackend(Backend):
         instance_id: str,
         journal: Journal | None = None,
         on_reconnect: Callable[[], None] = lambda: None,
-        on_spool_overflow: Callable[[], None] = lambda: None,
+        on_journal_full: Callable[[], None] = lambda: None,
         on_legacy: Callable[[str], None] = lambda result: None,
         on_health: Callable[[dict[str, float]], None] = lambda values: None,
         on_malformed: Callable[[], None] = lambda: None,
@@ -280,7 +280,7 @@ class RedisBackend(Backend):
         self._on_legacy = on_legacy
         self._on_health = on_health
         self._on_malformed = on_malformed
-        self._on_journal_full = on_spool_overflow
+        self._on_journal_full = on_journal_full
         self._on_event: Callable[[Event], None] | None = None
         self._batch: Callable[[], AbstractContextManager[None]] = nullcontext
         # Liveness of each background loop; the spool flusher is idle while Redis is fine.
@@ -294,6 +294,7 @@ class RedisBackend(Backend):
         self._spool_ready = asyncio.Event()
         self._flushed = asyncio.Event()  # set while nothing is pending
         self._tail_unknown = True  # where the reader starts: after the newest entry
+        self._moved_exists = True  # whether <stream>:moved may name ids (checked at start)
         self._epoch: str | None = None  # changes when Redis loses its data
         self._generation = 0  # bumped by a reset, to discard an XREAD reply in flight
         # Health: the write path, the read path, the round trip (see problems()).
@@ -555,6 +556,8 @@ class RedisBackend(Backend):
     async def position_of(self, event_id: str) -> str:
         """Where ``event_id`` sits in the stream: itself, except for an event appended after
         an outage behind entries with later ids (the append script records those)."""
+        if not self._moved_exists:
+            return event_id  # no event has landed late here: spare resumes a Redis call
         moved = await self.redis.hget(self._key + MOVED_SUFFIX, event_id)
         return event_id if moved is None else _str(moved)
 
@@ -615,6 +618,7 @@ class RedisBackend(Backend):
         """Start reading after the newest entry that exists now: older ones are history."""
         if not self._tail_unknown:
             return
+        self._moved_exists = bool(await self.redis.exists(self._key + MOVED_SUFFIX))
         newest = await self.redis.xrevrange(self._key, count=1)
         if newest:
             self.ledger.last_read = id_key(_str(newest[0][0]))
@@ -672,7 +676,11 @@ class RedisBackend(Backend):
             if marker == self._instance_id:
                 self._marker_read(position, _field(fields, "n"))
             return
-        event_id = _field(fields, "i") or position
+        event_id = _field(fields, "i")
+        if event_id is None:
+            event_id = position
+        else:
+            self._moved_exists = True
         self._deliver_all(self.ledger.read(position, event_id, lambda: self._decode(entry)))
 
     def _marker_read(self, position: str, seq: str | None) -> None:
@@ -752,10 +760,18 @@ class RedisBackend(Backend):
         if parsed is not None:
             type_, timestamp, data = parsed
             body = Event(id="", type=type_, timestamp=timestamp, data=data).body()
-        result = await self._claim(
-            keys=[self._key, self._key + LEGACY_SUFFIX],
-            args=[self._maxlen, self._legacy_sub, self._legacy_n, digest, body,
-                  self._legacy_since_ms, LEGACY_LOG, LEGACY_ALIGN_MS])
+        try:
+            result = await self._claim(
+                keys=[self._key, self._key + LEGACY_SUFFIX],
+                args=[self._maxlen, self._legacy_sub, self._legacy_n, digest, body,
+                      self._legacy_since_ms, LEGACY_LOG, LEGACY_ALIGN_MS])
+        except aioredis.ResponseError as exc:
+            # Redis refuses the claim (OOM): this envelope is lost, the subscription (and
+            # its count) stays, so the next ones are claimed in their right place.
+            self._wrote(exc)
+            self._on_legacy("refused")
+            log.error("legacy envelope not ingested: redis refused the claim (%s)", exc)
+            return
         if parsed is None:
             self._on_legacy("invalid")
         else:
