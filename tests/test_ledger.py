@@ -236,7 +236,7 @@ class LedgerMachine(RuleBasedStateMachine):
         journal = self.journals[slot]
         del self.instances[slot]
         del self.journals[slot]
-        self._start(adopted=list(journal))
+        self._start(adopted=sorted(journal, key=lambda e: e.key))  # as Journal.open does
 
     # -- checks -------------------------------------------------------------------------
     @invariant()

@@ -58,7 +58,10 @@ def _read(path: Path) -> list[Event]:
                     added[event.id] = event
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning("journal %s: skipping an unreadable line (torn write?)", path)
-    return list(added.values())
+    # In id order: each source's ids grow with its publishes, so this is publish order per
+    # source (record order is not: an event appended again after Redis lost its data is
+    # recorded after later ones).
+    return sorted(added.values(), key=lambda e: e.key)
 
 
 class Journal:
@@ -74,7 +77,7 @@ class Journal:
 
     def open(self) -> list[Event]:
         """Create this instance's file; adopt the files of instances no longer running.
-        Returns the adopted events (outstanding in this journal now), oldest file first."""
+        Returns the adopted events (outstanding in this journal now), in id order."""
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,7 +91,7 @@ class Journal:
                 log.warning("journal: adopting %d event(s) left by a stopped instance in %s",
                             len(events), path.name)
             adopted += events
-        return adopted
+        return sorted(adopted, key=lambda e: e.key)
 
     def _adopt(self, path: Path) -> list[Event]:
         try:

@@ -330,6 +330,10 @@ class RedisBackend(Backend):
         try:
             await self._find_tail()
             await self._check_epoch()
+            # Redis answers: publishes take the stream path from the first one (the reader
+            # loop, about to start, reads from here).
+            self.ledger.reader_back()
+            self._alive["stream"] = True
         except (RedisError, OSError, TimeoutError) as exc:
             # Start serving anyway: local clients are served, publishes are journalled,
             # and the loops catch up when Redis answers.
@@ -474,6 +478,8 @@ class RedisBackend(Backend):
     def _wrote(self, error: BaseException | None) -> None:
         if error is None:
             self._write_error = None
+        elif isinstance(error, TimeoutError) or not str(error):
+            self._write_error = f"no reply within {COMMAND_TIMEOUT_S:.0f}s"
         else:
             self._write_error = f"{type(error).__name__}: {error}"[:200]
 
