@@ -258,3 +258,29 @@ async def test_a_retried_post_with_an_idempotency_key_is_published_once(
     marker = await a.publish("cost_threshold_alert", {"severity": "info", "message": "end"})
     assert (await recv_json(ws))["id"] == marker.id  # nothing in between: no third copy
     await ws.close()
+
+
+async def test_at_the_journal_bound_publishes_are_refused_not_dropped(
+        own_redis: RedisServer) -> None:
+    settings = make_settings(redis_url=own_redis.url, journal_max_events=3)
+    admin = {"Authorization": f"Bearer {make_token('pub', role='admin')}"}
+    body = {"type": "cost_threshold_alert", "data": {"severity": "info", "message": "m"}}
+    async with run_hub(settings) as running, httpx.AsyncClient(timeout=30) as http:
+        ws = await connected(running.ws_url, make_token())
+        own_redis.stop()
+        replies = [await http.post(f"{running.url}/events", headers=admin, json=body)
+                   for _ in range(4)]
+        assert [r.status_code for r in replies] == [202, 202, 202, 503]
+        assert replies[3].json()["error"]["code"] == "journal_full"
+        assert running.hub.metrics.journal_full._value.get() == 1
+        accepted = [r.json()["id"] for r in replies[:3]]
+        assert [(await recv_json(ws))["id"] for _ in range(3)] == accepted
+        own_redis.start()
+        backend = running.hub.dispatcher.backend
+        await wait_until(lambda: len(backend.journal) == 0, timeout=20,
+                         what="the journal to drain")
+        entries = own_redis.client().xrange(settings.stream_key)
+        stored = [f.get(b"i", i).decode() for i, f in entries
+                  if b"e" in f and orjson.loads(f[b"e"])["type"] == "cost_threshold_alert"]
+        assert stored == accepted
+        await ws.close()

@@ -307,7 +307,8 @@ class RedisBackend(Backend):
         self._marker_out: tuple[int, float] | None = None  # (oldest unseen seq, sent at)
         self._marker_back: list[str] = []  # own markers read back, to delete
         self.round_trip_s = 0.0
-        self._malformed_logged = 0.0
+        self._malformed_logged = -60.0
+        self._journal_full_logged = -60.0
         self.loops: dict[str, asyncio.Task[None]] = {}  # the background loops, by name
         self._legacy_pubsub: Any = None  # subscribed at start, until the loop takes it
         self._legacy_sub = ""  # this subscription's name in the claim script
@@ -448,8 +449,11 @@ class RedisBackend(Backend):
                 self.journal.append(event)
             except JournalFull:
                 self._on_journal_full()
-                log.error("outage journal full (%d events): refusing publishes until redis "
-                          "takes them", len(self.journal))
+                now = time.monotonic()
+                if now - self._journal_full_logged >= 10:  # every refusal is counted
+                    self._journal_full_logged = now
+                    log.error("outage journal full (%d events): refusing publishes (503) "
+                              "until redis takes them", len(self.journal))
                 raise
         ledger.spool(event)
         event.shared = False
