@@ -431,15 +431,18 @@ class RedisBackend(Backend):
         ledger = self.ledger
         event = Event(id=ledger.new_id(_now_ms()), type=type_, timestamp=timestamp, data=data)
         if not ledger.must_spool:
+            chosen = [event]
             try:
-                event = await self._append_normal(event)
+                await self._append_normal(chosen)
             except (RedisError, OSError, TimeoutError) as exc:
+                event = chosen[0]
                 # Failed or unknown (a timeout: it may still run). Either way the event
                 # keeps its id: appending it again later is recognised by that id.
                 self._wrote(exc)
                 log.warning("redis unavailable (%s): journalling events, delivering "
                             "locally", exc)
             else:
+                event = chosen[0]
                 self._wrote(None)
                 self._deliver_all(ledger.appended(event))
                 return event
@@ -461,10 +464,13 @@ class RedisBackend(Backend):
         self._deliver_local(event)
         return event
 
-    async def _append_normal(self, event: Event) -> Event:
-        """Append ``event`` at its id, choosing a later one while the stream has moved past
-        it (nothing was appended then, so the id is still free to change)."""
+    async def _append_normal(self, chosen: list[Event]) -> None:
+        """Append ``chosen[0]`` at its id, choosing a later one while the stream has moved
+        past it (nothing was appended then, so the id is still free to change). ``chosen``
+        holds the event as last sent, so that on a timeout the caller journals the id the
+        command in flight carries."""
         for _ in range(100):
+            event = chosen[0]
             outcome, detail = await asyncio.wait_for(
                 append_event(self._append_script, self._key, self._maxlen, event,
                              self._instance_id, relocate=False, epoch=self._epoch),
@@ -473,10 +479,10 @@ class RedisBackend(Backend):
                 await self._check_epoch()
                 raise RedisError("redis lost its data: appending recent events again first")
             if outcome != "stale":
-                return event
+                return
             self.ledger.stale(detail)
-            event = Event(id=self.ledger.new_id(_now_ms()), type=event.type,
-                          timestamp=event.timestamp, data=event.data)
+            chosen[0] = Event(id=self.ledger.new_id(_now_ms()), type=event.type,
+                              timestamp=event.timestamp, data=event.data)
         raise RedisError("the stream kept moving past every proposed id")
 
     def _wrote(self, error: BaseException | None) -> None:
