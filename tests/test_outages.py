@@ -62,6 +62,7 @@ class Scenario:
     degraded_after: list[float | None] = field(default_factory=list)
     reasons: list[list[str]] = field(default_factory=list)
     unanswered: int = 0
+    slowest_s: float = 0.0  # the longest POST /events took
 
     @property
     def env(self) -> dict[str, str]:
@@ -121,6 +122,7 @@ class Scenario:
                 if n == EVENTS // 4:
                     fault_task = asyncio.create_task(fault())
                 index = targets(n)
+                sent = time.monotonic()
                 try:
                     response = await http.post(
                         f"{self.hubs[index].url}/events", headers=admin,
@@ -133,6 +135,7 @@ class Scenario:
                     self.unanswered += 1
                     continue
                 assert response.status_code == 202, response.text
+                self.slowest_s = max(self.slowest_s, time.monotonic() - sent)
                 body = response.json()
                 self.acked[n] = (body["id"], index, body["durable"])
                 delay = started + (n + 1) / RATE - time.monotonic()
@@ -212,7 +215,8 @@ def _report(name: str, run: Scenario, clients: list[Client], counts: dict[str, i
     print(f"\noutage[{name}]: {len(run.acked)} events acknowledged ({journalled} journalled, "
           f"\"durable\": false), {len(clients)} clients: {counts['lost']} lost, "
           f"{counts['duplicated']} duplicated, {counts['out_of_order']} out of order, "
-          f"{counts['id_changed']} id changed; health degraded after {health}{extra}")
+          f"{counts['id_changed']} id changed; slowest 202 {run.slowest_s:.2f}s; "
+          f"health degraded after {health}{extra}")
 
 
 async def _redis_fault(run: Scenario, apply: Callable[[], None], restore: Callable[[], None],
