@@ -15,7 +15,8 @@ from redis.exceptions import RedisError
 from hub.backoff import Backoff
 from hub.config import Settings
 from hub.dispatch.ledger import Ids
-from hub.dispatch.redis import APPEND, append_event, open_redis
+from hub.dispatch.redis import open_redis
+from hub.dispatch.scripts import APPEND, append_event
 from hub.events import Event, EventTypes, id_key, now_timestamp
 from hub.exceptions import BackendUnavailable
 

@@ -11,7 +11,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from hub.dispatch.ledger import Ids
-from hub.dispatch.redis import APPEND, append_event
+from hub.dispatch.scripts import APPEND, append_event
 from hub.events import Event, now_timestamp
 from tests.conftest import RedisServer, make_settings, make_token, run_hub
 from tests.helpers import HEALTH, THREAT, connected, recv_json, send_json, wait_until
