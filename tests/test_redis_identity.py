@@ -284,3 +284,22 @@ async def test_at_the_journal_bound_publishes_are_refused_not_dropped(
                   if b"e" in f and orjson.loads(f[b"e"])["type"] == "cost_threshold_alert"]
         assert stored == accepted
         await ws.close()
+
+
+async def test_a_graceful_stop_waits_for_the_journal_then_logs_what_it_leaves(
+        own_redis: RedisServer, capfd: Any) -> None:
+    settings = make_settings(redis_url=own_redis.url, shutdown_timeout_s=0.5)
+    async with run_hub(settings.replace(instance_id="watcher")) as watcher:
+        ws = await connected(watcher.ws_url, make_token())
+        async with run_hub(settings) as first:
+            own_redis.stop()
+            event = await first.publish("threat_detected", THREAT)
+            assert event.shared is False
+        # uvicorn's log config writes to stderr (and replaces pytest's caplog handler).
+        assert "stopping with 2 acknowledged event(s) not in redis yet" in capfd.readouterr().err
+        # (the event and the instance's "shutdown" announcement)
+        own_redis.start()
+        async with run_hub(settings.replace(instance_id="next")):
+            got = await recv_json(ws, timeout=30)
+            assert got["id"] == event.id
+        await ws.close()
