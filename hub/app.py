@@ -30,6 +30,7 @@ from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
 from hub.events import SYSTEM_STATUS, Event, EventTypes
 from hub.exceptions import BackendUnavailable, EventError
+from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
@@ -65,6 +66,9 @@ class Hub:
             # outlive what a replay from the backend would find.
             replay_window=min(settings.replay_window, settings.history_size),
         )
+        backend = self.dispatcher.backend
+        self.idempotency = IdempotencyKeys(getattr(backend, "redis", None),
+                                           settings.stream_key + ":idem:")
         self.websocket = PlainTransport(self)
         self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
         self.started_at: float | None = None
@@ -73,7 +77,7 @@ class Hub:
     def _backend(self, settings: Settings, redis: aioredis.Redis | None) -> Backend:
         if redis is None and settings.redis_url is None:
             return MemoryBackend(settings.history_size)
-        from hub.dispatch.redis import RedisBackend, open_redis
+        from hub.dispatch.redis import RedisBackend, journal_for, open_redis
 
         owns = redis is None
         client = redis if redis is not None else open_redis(
@@ -84,11 +88,19 @@ class Hub:
             legacy_channel=settings.legacy_channel,
             legacy_parser=self._parse_legacy,
             instance_id=settings.instance_id,
+            journal=journal_for(settings, client),
             on_reconnect=self.metrics.redis_reconnects.inc,
-            on_spool_overflow=lambda: self.metrics.dropped.labels("spool_full").inc(),
+            on_journal_full=self.metrics.journal_full.inc,
             on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
             history_concurrency=settings.history_concurrency,
+            on_health=self._redis_health,
+            on_malformed=self.metrics.malformed_entries.inc,
         )
+
+    def _redis_health(self, values: dict[str, float]) -> None:
+        self.metrics.reader_lag.set(values["reader_lag_s"])
+        self.metrics.round_trip.set(values["round_trip_s"])
+        self.metrics.journal_events.set(values["journal_events"])
 
     def _parse_legacy(self, raw: bytes) -> Any:
         return self.dispatcher.parse_legacy(raw)
@@ -124,6 +136,11 @@ class Hub:
 
     async def stop(self) -> None:
         await self.drain()
+        # Acknowledged events still in the outage journal: give Redis the shutdown timeout
+        # to take them (what is left stays on disk for the next instance, and is logged).
+        backend_drain = getattr(self.dispatcher.backend, "drain", None)
+        if backend_drain is not None:
+            await backend_drain(self.settings.shutdown_timeout_s)
         await self.dispatcher.stop()
 
     async def _announce(self, status: str, message: str) -> Event | None:
@@ -141,16 +158,18 @@ class Hub:
         backend = self.dispatcher.backend
         ws = len(self.websocket.connections)
         sio = len(self.socketio.connections)
+        problems = backend.problems()
         if self.started_at is None:
             status, code = "unhealthy", 503
-        elif backend.connected:
+        elif not problems:
             status, code = "healthy", 200
         else:
             status, code = "degraded", 200
         return JSONResponse({
             "status": status,
+            "reasons": problems,
             "active_connections": ws + sio,
-            "redis_connected": backend.name == "redis" and backend.connected,
+            "redis_connected": backend.name == "redis" and backend.subscribed,
             "backend": backend.name,
             "instance_id": self.settings.instance_id,
             "version": __version__,
@@ -171,6 +190,16 @@ class Hub:
         if not principal.can_publish:
             self.metrics.auth_failures.labels("forbidden").inc()
             return _error(403, "forbidden", "this token's role may not publish")
+        idempotency_key = request.headers.get("idempotency-key")
+        scoped = None
+        if idempotency_key is not None:
+            if not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
+                return _error(400, "invalid_idempotency_key",
+                              f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+            scoped = self.idempotency.scoped(principal.user_id, idempotency_key)
+            earlier = await self.idempotency.recall(scoped)
+            if earlier is not None:  # a retry of a request that was answered: same reply
+                return JSONResponse({**earlier, "duplicate": True}, status_code=202)
         limit = self.settings.max_data_bytes + 4096  # data plus the envelope around it
         body = bytearray()
         async for chunk in request.stream():  # stop reading at the limit, not after it
@@ -190,8 +219,13 @@ class Hub:
         except BackendUnavailable as exc:
             return _error(503, exc.code, "the event backend is unavailable; retry later",
                           headers={"Retry-After": "1"})
-        return JSONResponse({"id": event.id, "type": event.type, "timestamp": event.timestamp},
-                            status_code=202)
+        # durable: in Redis, shared with every instance. False: accepted into this
+        # instance's fsynced outage journal and delivered here; shared when Redis returns.
+        reply = {"id": event.id, "type": event.type, "timestamp": event.timestamp,
+                 "durable": event.shared}
+        if scoped is not None:
+            await self.idempotency.remember(scoped, reply)
+        return JSONResponse(reply, status_code=202)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

@@ -202,6 +202,10 @@ def _publish(args: argparse.Namespace) -> None:
     else:
         result = _publish_http(args.url or DEFAULT_URL, args.token, args.type, data)
     print(orjson.dumps(result).decode())
+    if result.get("durable") is False:
+        print("hub: accepted but not shared yet: Redis is unavailable, the event is held in "
+              "the hub's outage journal and delivered to other instances when Redis returns",
+              file=sys.stderr)
 
 
 async def _publish_redis(redis_url: str, type_: str, data: Any) -> dict[str, Any]:
@@ -214,7 +218,9 @@ async def _publish_redis(redis_url: str, type_: str, data: Any) -> dict[str, Any
     except HubError as exc:
         fields = getattr(exc, "fields", ())
         _fail(f"{exc.message}" + (f" (fields: {', '.join(fields)})" if fields else ""))
-    return {"id": event.id, "type": event.type, "timestamp": event.timestamp}
+    # Publisher returns only once Redis holds the event: always shared.
+    return {"id": event.id, "type": event.type, "timestamp": event.timestamp,
+            "durable": event.shared}
 
 
 def _publish_http(url: str, token: str | None, type_: str, data: Any) -> dict[str, Any]:

@@ -69,6 +69,10 @@ class Settings:
     # HTTP 403 before the handshake, and the quiet time that ends it (hub/refusals.py).
     refusal_limit: int = 5
     refusal_window_s: float = 60.0
+    # The outage journal (Redis backend): acknowledged events not in Redis yet. Empty: the
+    # default, $XDG_STATE_HOME/hub/journal or ~/.local/state/hub/journal.
+    journal_dir: str = ""
+    journal_max_events: int = 100_000
     json_logs: bool = False
     # Keepalive for both transports: uvicorn's WebSocket pings on /ws/events (and Socket.IO
     # over WebSocket) and Engine.IO's pings, whose values clients learn in the handshake.
@@ -199,7 +203,8 @@ class Settings:
                      "max_subscribe_types", "client_burst", "max_connections",
                      "max_connections_per_user", "refusal_limit",
                      "history_concurrency", "redis_max_connections", "max_header_bytes",
-                     "max_headers", "max_pending_connections", "max_pending_per_address"):
+                     "max_headers", "max_pending_connections", "max_pending_per_address",
+                     "journal_max_events"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",

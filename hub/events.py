@@ -198,6 +198,9 @@ class Event:
     _key: tuple[int, int] | None = field(default=None, repr=False)
     _frame: bytes | None = field(default=None, repr=False)
     _sio_frame: bytes | None = field(default=None, repr=False)
+    # False while the event is held in the publishing instance's journal, not in Redis yet
+    # (an outage): accepted and delivered locally, not shared with other instances yet.
+    shared: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tenant = self.data.get("tenant_id")

@@ -47,9 +47,28 @@ class Metrics:
         self.legacy = Counter(
             "hub_legacy_envelopes", "Envelopes read from the legacy Redis channel, by result "
             "(appended: this instance entered it; duplicate: another instance did; invalid: "
-            "skipped; nonconforming: a spec type whose data misses hub's schema, delivered "
-            "all the same and counted besides appended/duplicate)",
+            "skipped; refused: Redis refused the claim, e.g. out of memory; nonconforming: a "
+            "spec type whose data misses hub's schema, delivered all the same and counted "
+            "besides appended/duplicate)",
             ["result"], registry=r)
+        self.reader_lag = Gauge(
+            "hub_redis_reader_lag_seconds",
+            "Seconds since this instance's stream reader last reached the stream head",
+            registry=r)
+        self.round_trip = Gauge(
+            "hub_redis_round_trip_seconds",
+            "Last health round trip: a marker appended to the stream until read back",
+            registry=r)
+        self.journal_events = Gauge(
+            "hub_journal_events",
+            "Acknowledged events in the local outage journal, not in Redis yet", registry=r)
+        self.journal_full = Counter(
+            "hub_journal_refused",
+            "Publishes refused (503) because the outage journal was full", registry=r)
+        self.malformed_entries = Counter(
+            "hub_stream_entries_malformed",
+            "Stream entries that were not events (skipped by the reader and resumes)",
+            registry=r)
         self.latency = Histogram(
             "hub_publish_to_send_seconds",
             "From the event's timestamp to its hand-off to the local outboxes",

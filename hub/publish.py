@@ -10,11 +10,14 @@ from types import TracebackType
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 from hub.backoff import Backoff
 from hub.config import Settings
-from hub.dispatch.redis import append, open_redis
-from hub.events import Event, EventTypes, now_timestamp
+from hub.dispatch.ledger import Ids
+from hub.dispatch.redis import open_redis
+from hub.dispatch.scripts import APPEND, append_event
+from hub.events import Event, EventTypes, id_key, now_timestamp
 from hub.exceptions import BackendUnavailable
 
 
@@ -32,6 +35,9 @@ class Publisher:
     makes it a drop-in for the proxy's own ``publish_event``: any type name, any JSON
     object as ``data``, sent unchanged (hub instances deliver them as they do the
     proxy's channel, counting none of them; their ``HUB_MAX_EVENT_TYPES`` still applies).
+
+    The event's id is chosen before the first attempt and every retry carries it, so a
+    retry of an append that had in fact run (its reply lost) is recognised, not doubled.
     """
 
     def __init__(
@@ -56,6 +62,9 @@ class Publisher:
         self._types = EventTypes(extra_event_types, open_types=lenient, max_types=1_000)
         self._max_data_bytes = max_data_bytes
         self._retry_for_s = retry_for_s
+        self._ids = Ids()
+        self._script = self.redis.register_script(APPEND)
+        self._origin = "publisher-" + format(self._ids.salt, "x")
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Publisher:
@@ -73,19 +82,26 @@ class Publisher:
                 type_, data, max_bytes=self._max_data_bytes, strict=False)
         else:
             name, clean = self._types.validate(type_, data, max_bytes=self._max_data_bytes)
-        event = Event(id="", type=name, timestamp=now_timestamp(), data=clean)
-        body = event.body()
+        event = Event(id=self._ids.next(_now_ms()), type=name, timestamp=now_timestamp(),
+                      data=clean)
         deadline = time.monotonic() + self._retry_for_s
         backoff = Backoff(base=0.05, cap=2.0)
         while True:
             try:
-                event.id = await append(self.redis, self._key, self._maxlen, body)
-                return event
-            except BackendUnavailable:
+                outcome, detail = await append_event(self._script, self._key, self._maxlen,
+                                                     event, self._origin, relocate=False)
+            except (RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise BackendUnavailable(f"redis unavailable: {exc}") from exc
                 await asyncio.sleep(delay)
+                continue
+            if outcome != "stale":
+                return event
+            # Nothing was appended: the stream had moved past the id; take a later one.
+            self._ids.learn(id_key(detail))
+            event = Event(id=self._ids.next(_now_ms()), type=name,
+                          timestamp=event.timestamp, data=clean)
 
     async def aclose(self) -> None:
         if self._owns:
@@ -97,3 +113,7 @@ class Publisher:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

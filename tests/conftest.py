@@ -59,6 +59,7 @@ def make_settings(**overrides: Any) -> Settings:
         socketio_channel=f"socketio-{unique}",
         legacy_channel=f"koreshield:events:{unique}",
         instance_id=f"test-{unique}",
+        journal_dir=tempfile.mkdtemp(prefix="hub-journal-"),
     )
     values.update(overrides)
     return Settings(**values)

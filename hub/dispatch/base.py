@@ -69,6 +69,16 @@ class Backend(abc.ABC):
     def status(self) -> dict[str, Any]:
         return {}
 
+    def problems(self) -> list[str]:
+        """Why the backend is degraded, worst first (health's ``reasons``); empty if not."""
+        return [] if self.connected else ["backend not connected"]
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether a live subscriber receives other instances' events (health's
+        ``redis_connected`` for the Redis backend)."""
+        return self.connected
+
 
 class SubscriberState(enum.Enum):
     LIVE = "live"

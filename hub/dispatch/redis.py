@@ -1,12 +1,16 @@
 """The Redis backend: a Redis Stream carries events between instances.
 
-Every event is appended to one stream (``HUB_STREAM_KEY``) with ``XADD``; the stream id is
-the event id, so ids are unique and ordered across the deployment and the stream doubles
-as the resume history (trimmed to about ``HUB_HISTORY_SIZE``). Each instance reads the
-stream from the last id it delivered: after a Redis outage it picks up where it stopped,
-so nothing published meanwhile is lost or delivered twice. While Redis (or this
-instance's reader) is down, what this instance publishes is delivered to its own clients at
-once and spooled, then appended when Redis returns (see ``RedisBackend.__init__``).
+Every event is appended to one stream (``HUB_STREAM_KEY``) under the id chosen where it was
+published (``hub.dispatch.ledger.Ids``); that id is the one its publish returned and the one
+every client sees, and the stream doubles as the resume history (trimmed to about
+``HUB_HISTORY_SIZE``). Each instance reads the stream from the last entry it read and
+delivers each id once. While Redis (or this instance's reader) is down or refuses writes,
+what this instance publishes is fsynced to its journal (``hub.dispatch.journal``),
+delivered to its own clients at once, and appended when Redis returns. The rules live in
+``hub.dispatch.ledger`` (no I/O); this module runs the commands.
+
+Health is measured, not assumed: the last write's outcome, how far the reader trails the
+stream head, and a marker each instance appends and reads back (never delivered).
 
 python-socketio's own cross-instance channel keeps working beside it: the Socket.IO
 server's client manager is an ``AsyncRedisManager``, so an external process emitting
@@ -16,13 +20,15 @@ through a write-only ``AsyncRedisManager`` reaches this instance's Socket.IO cli
 from __future__ import annotations
 
 import asyncio
-import bisect
+import contextlib
 import hashlib
 import logging
+import os
+import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import socketio
@@ -33,8 +39,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from hub.backoff import Backoff
+from hub.config import Settings
 from hub.dispatch.base import Backend, History
+from hub.dispatch.journal import Journal, JournalFull, default_journal_dir
+from hub.dispatch.ledger import Ledger, format_id, positioned
 from hub.dispatch.manager import ConnectHookMixin, local_emit, refuse_tenant_emit
+from hub.dispatch.scripts import (
+    APPEND,
+    CLAIM_LEGACY,
+    EPOCH_SUFFIX,
+    LEGACY_ALIGN_MS,
+    LEGACY_LOG,
+    LEGACY_SUFFIX,
+    MOVED_SUFFIX,
+    append_event,
+)
 from hub.events import Event, id_key
 from hub.exceptions import BackendUnavailable
 
@@ -42,39 +61,13 @@ log = logging.getLogger("hub.redis")
 
 LegacyParser = Callable[[bytes], tuple[str, str, dict[str, Any]] | None]
 
-# Several instances receive every message PUBLISHed on the legacy channel; only the first
-# to claim the message's digest appends it, in one atomic step, so it enters the stream
-# (and reaches each client) exactly once however many instances run.
-_INGEST_ONCE = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
-  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
-end
-return false
-"""
-LEGACY_DEDUP_MS = 60_000
-
-# Appending a spooled event after an outage: under its own id if the stream has not moved
-# past it; not at all if that very entry is already there (an event this instance appended
-# before the outage, which Redis kept); else under a fresh id, naming the id it had before
-# (``k``) if it had one, so that readers which read it then skip it now. Marked with the
-# instance (``o``): its reader delivered the event locally already.
-_APPEND_SPOOLED = """
-local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[2],
-                          'e', ARGV[3], 'o', ARGV[4])
-if type(added) ~= 'table' or not added.err then
-  return added
-end
-if ARGV[5] == '1' then
-  local found = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-  if #found > 0 and found[1][2][2] == ARGV[3] then
-    return false
-  end
-  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
-                    'e', ARGV[3], 'o', ARGV[4], 'k', ARGV[2])
-end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[3], 'o', ARGV[4])
-"""
-
+# Health: a refused or frozen Redis shows within HEALTH_WINDOW_S plus a marker interval.
+HEALTH_WINDOW_S = 2.0
+MARKER_INTERVAL_S = 0.5
+COMMAND_TIMEOUT_S = 2.0  # no command holds a publish longer (then it is journalled)
+SOCKET_TIMEOUT_S = 2.5  # above XREAD's block, below what a client would wait for a 202
+READ_BLOCK_MS = 500
+READ_COUNT = 1000
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -85,13 +78,16 @@ def _field(fields: Any, name: str) -> str | None:
     return None if value is None else _str(value)
 
 
-async def append(redis: Any, key: str, maxlen: int, body: bytes) -> str:
-    """XADD one event body; return its id. Raises BackendUnavailable when Redis is down."""
-    try:
-        event_id = await redis.xadd(key, {"e": body}, maxlen=maxlen, approximate=True)
-    except (RedisError, OSError) as exc:
-        raise BackendUnavailable(f"redis unavailable: {exc}") from exc
-    return _str(event_id)
+def journal_for(settings: Settings, client: Any) -> Journal:
+    """The journal of an instance on ``client``'s Redis and ``settings.stream_key``: one
+    directory per Redis and stream, so instances adopt only journals meant for their Redis."""
+    kwargs = client.connection_pool.connection_kwargs
+    where = (f"{kwargs.get('host', '')}:{kwargs.get('port', '')}/{kwargs.get('db', 0)}"
+             f"{kwargs.get('path', '')}|{settings.stream_key}")
+    base = Path(settings.journal_dir) if settings.journal_dir else default_journal_dir()
+    directory = base / hashlib.sha256(where.encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.instance_id)
+    return Journal(directory, f"{name}-{os.getpid()}", settings.journal_max_events)
 
 
 # A command that finds every pooled connection in use waits this long for one (redis-py's
@@ -107,16 +103,17 @@ def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
         sentinel = aioredis.Sentinel(sentinels, **kwargs)  # type: ignore[no-untyped-call]
         master: aioredis.Redis = sentinel.master_for(service or "mymaster")
         return master
-    # Bounded timeouts: a vanished Redis must fail calls (and trigger the outage spool),
-    # not hang them; XREAD blocks for 1 s, well inside the socket timeout. One immediate
-    # retry on a fresh connection when a pooled one turns out closed (as after a Redis
-    # restart): without it the first command on each stale connection fails. Timeouts
-    # are not retried: the command may have run.
+    # Short timeouts: a vanished or frozen Redis must fail calls (the journal takes the
+    # events) within health's window, not hang them; XREAD blocks for 0.5 s, inside the
+    # socket timeout. One immediate retry on a fresh connection when a pooled one turns out
+    # closed (as after a Redis restart): without it the first command on each stale
+    # connection fails. Appends are idempotent by event id, so a retry never doubles one.
     # A blocking pool: past ``max_connections`` in use, a command waits for one to be
     # released instead of failing (history reads are bounded apart, see history()).
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=POOL_WAIT_S,
-        health_check_interval=10, socket_connect_timeout=5, socket_timeout=15,
+        health_check_interval=10, socket_connect_timeout=SOCKET_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError])
     return aioredis.Redis.from_pool(pool)
@@ -173,10 +170,15 @@ class RedisBackend(Backend):
         legacy_channel: str,
         legacy_parser: LegacyParser,
         instance_id: str,
+        journal: Journal | None = None,
         on_reconnect: Callable[[], None] = lambda: None,
-        on_spool_overflow: Callable[[], None] = lambda: None,
+        on_journal_full: Callable[[], None] = lambda: None,
         on_legacy: Callable[[str], None] = lambda result: None,
         history_concurrency: int = 8,
+        on_health: Callable[[dict[str, float]], None] = lambda values: None,
+        on_malformed: Callable[[], None] = lambda: None,
+        health_window_s: float = HEALTH_WINDOW_S,
+        marker_interval_s: float = MARKER_INTERVAL_S,
     ) -> None:
         # redis-py's stubs type replies per decode_responses setting; the host's client may
         # use either, and _str() handles both, so replies are taken as Any here.
@@ -188,61 +190,99 @@ class RedisBackend(Backend):
         self._legacy_parser = legacy_parser
         self._on_reconnect = on_reconnect
         self._on_legacy = on_legacy
+        self._on_health = on_health
+        self._on_malformed = on_malformed
+        self._on_journal_full = on_journal_full
         self._on_event: Callable[[Event], None] | None = None
         self._batch: Callable[[], AbstractContextManager[None]] = nullcontext
-        self._last_id = "0-0"
-        # Liveness of each background loop; `connected` is the stream reader and legacy
-        # subscriber being up (the spool flusher is idle while Redis is fine).
+        # Liveness of each background loop; the spool flusher is idle while Redis is fine.
         self._alive: dict[str, bool] = {"stream": False, "legacy": not legacy_channel,
-                                        "spool": True}
+                                        "spool": True, "health": True}
         self._instance_id = instance_id
         # Resumes queue here rather than take every pooled connection (or fail for lack of
         # one): a reconnect storm costs at most this many connections at a time.
         self._history_slots = asyncio.Semaphore(history_concurrency)
-        # Local delivery follows one of two paths, and they must never overtake each other:
-        # - normally the stream reader delivers every event, this instance's own included,
-        #   in stream order; ``_unread`` holds the events this instance appended that the
-        #   reader has not read back yet (usually none: it trails by a round trip);
-        # - while Redis or the reader is down, events are delivered at once and spooled,
-        #   to be appended (in order) when Redis returns. Before the first of them, the
-        #   unread ones are delivered too ("taken over"), ahead of it; the reader skips
-        #   them if Redis kept them (``_early``) and the spool appends them if it did not.
-        self._unread: deque[Event] = deque()
-        self._early: list[tuple[int, int]] = []
-        self._spool: deque[tuple[Event, bool]] = deque()  # (event, appended before)
-        self._lost_at = "0-0"  # where the reader was when it last lost Redis
-        self._spool_limit = history_size
+        self.ledger = Ledger(seen_limit=2 * history_size + (journal.max_events if journal
+                                                            else history_size),
+                             recent_limit=min(history_size, 10_000))
+        self.journal = journal
         self._spool_ready = asyncio.Event()
-        self._on_spool_overflow = on_spool_overflow
-        self._provisional = (0, 0)
-        self._delivered_top = (0, 0)  # the newest id this backend delivered locally
+        self._flushed = asyncio.Event()  # set while nothing is pending
+        self._tail_unknown = True  # where the reader starts: after the newest entry
+        self._moved_exists = True  # whether <stream>:moved may name ids (checked at start)
+        self._epoch: str | None = None  # changes when Redis loses its data
+        self._generation = 0  # bumped by a reset, to discard an XREAD reply in flight
+        # Health: the write path, the read path, the round trip (see problems()).
+        self._window = health_window_s
+        self._marker_interval = marker_interval_s
+        self._write_error: str | None = None
+        now = time.monotonic()
+        self._caught_up_at = now  # the reader last reached the head of the stream
+        self._marker_seq = 0
+        self._marker_out: tuple[int, float] | None = None  # (oldest unseen seq, sent at)
+        self._marker_back: list[str] = []  # own markers read back, to delete
+        self.round_trip_s = 0.0
+        self._malformed_logged = -60.0
+        self._journal_full_logged = -60.0
         self.loops: dict[str, asyncio.Task[None]] = {}  # the background loops, by name
         self._legacy_pubsub: Any = None  # subscribed at start, until the loop takes it
+        self._legacy_sub = ""  # this subscription's name in the claim script
+        self._legacy_n = 0  # messages received on this subscription
+        self._legacy_since_ms = 0  # Redis time just before it subscribed
         self._manager = HubRedisManager(client, socketio_channel)
-        self._ingest = client.register_script(_INGEST_ONCE)
-        self._append_spooled = client.register_script(_APPEND_SPOOLED)
+        self._append_script = client.register_script(APPEND)
+        self._claim = client.register_script(CLAIM_LEGACY)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, on_event: Callable[[Event], None],
                     batch: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self._on_event = on_event
         self._batch = batch
-        # Start reading after the newest event that exists now: older ones are history.
-        newest = await self.redis.xrevrange(self._key, count=1)
-        self._last_id = _str(newest[0][0]) if newest else "0-0"
-        self._alive["stream"] = True
-        loops = {"stream": self._read_stream, "spool": self._flush_spool}
+        if self.journal is not None:
+            adopted = self.journal.open()
+            self.ledger.adopt(adopted)
+            if adopted:
+                self._wake_flusher()
+        try:
+            await self._find_tail()
+            await self._check_epoch()
+            # Redis answers: publishes take the stream path from the first one (the reader
+            # loop, about to start, reads from here).
+            self.ledger.reader_back()
+            self._alive["stream"] = True
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Start serving anyway: local clients are served, publishes are journalled,
+            # and the loops catch up when Redis answers.
+            log.warning("redis unavailable at start-up (%s): starting degraded", exc)
+        loops = {"stream": self._read_stream, "spool": self._flush_spool,
+                 "health": self._health_loop}
         if self._legacy_channel:
-            self._legacy_pubsub = await self._subscribe_legacy()
+            with contextlib.suppress(RedisError, OSError):
+                self._legacy_pubsub = await self._subscribe_legacy()
             loops["legacy"] = self._read_legacy
         for name, loop in loops.items():
             self.loops[name] = asyncio.create_task(self._supervise(loop, name))
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful stop: give the flusher up to ``timeout`` to empty the journal; log what
+        it leaves (kept on disk for the next instance)."""
+        if self.ledger.pending:
+            self._wake_flusher()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed.wait(), timeout)
+        if self.ledger.pending:
+            log.error("stopping with %d acknowledged event(s) not in redis yet (first %s); "
+                      "they stay in the journal %s for the next instance on this host",
+                      len(self.ledger.pending), self.ledger.pending[0].id,
+                      self.journal.path if self.journal else "(none)")
 
     async def stop(self) -> None:
         for task in self.loops.values():
             task.cancel()
         await asyncio.gather(*self.loops.values(), return_exceptions=True)
         self.loops.clear()
+        if self.journal is not None:
+            self.journal.close()
         if self._legacy_pubsub is not None:  # its loop never got to take it
             await self._legacy_pubsub.aclose()
             self._legacy_pubsub = None
@@ -258,95 +298,169 @@ class RedisBackend(Backend):
 
     @property
     def connected(self) -> bool:
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        """Why this instance is not fully healthy, worst first; empty when it is. Computed
+        from what the loops last saw: answering it never waits on Redis."""
+        now = time.monotonic()
+        reasons = []
+        if not self._alive["stream"]:
+            reasons.append("redis stream reader is reconnecting")
+        elif now - self._caught_up_at > self._window:
+            reasons.append(f"redis stream reader is {now - self._caught_up_at:.1f}s behind "
+                           "the stream head (redis frozen or the reader stuck)")
+        if self._write_error is not None:
+            reasons.append(f"redis refused the last write: {self._write_error}")
+        if self._marker_out is not None and now - self._marker_out[1] > self._window:
+            reasons.append(f"health marker not read back after {now - self._marker_out[1]:.1f}s")
+        if not self._alive["legacy"]:
+            reasons.append("legacy channel subscriber is reconnecting")
+        pending = len(self.ledger.pending)
+        if pending:
+            reasons.append(f"{pending} acknowledged event(s) in the local journal, "
+                           "not in redis yet")
+        return reasons
+
+    @property
+    def subscribed(self) -> bool:
+        """The stream reader and the legacy subscriber are up (``redis_connected``)."""
         return self._alive["stream"] and self._alive["legacy"]
 
     def status(self) -> dict[str, Any]:
-        return {"stream": self._key, "last_id": self._last_id,
-                "alive": dict(self._alive), "spooled": len(self._spool)}
+        return {"stream": self._key, "last_id": format_id(self.ledger.last_read),
+                "alive": dict(self._alive), "spooled": len(self.ledger.pending),
+                "journal": len(self.journal) if self.journal else 0,
+                "reader_lag_s": round(self.reader_lag_s, 3),
+                "round_trip_s": round(self.round_trip_s, 4)}
+
+    @property
+    def reader_lag_s(self) -> float:
+        return max(0.0, time.monotonic() - self._caught_up_at)
 
     def socketio_manager(self) -> Any:
         return self._manager
 
     # -- events -------------------------------------------------------------------------
     async def publish(self, type_: str, timestamp: str, data: dict[str, Any]) -> Event:
-        event = Event(id="", type=type_, timestamp=timestamp, data=data)
-        # While anything is spooled, later events queue behind it; while the reader is
-        # down, nothing would deliver an appended event here: spool it (delivered now).
-        if not self._spool and self._alive["stream"]:
+        ledger = self.ledger
+        event = Event(id=ledger.new_id(_now_ms()), type=type_, timestamp=timestamp, data=data)
+        if not ledger.must_spool:
+            chosen = [event]
             try:
-                event.id = await append(self.redis, self._key, self._maxlen, event.body())
-            except BackendUnavailable as exc:
-                log.warning("redis unavailable (%s): spooling events, delivering locally", exc)
+                await self._append_normal(chosen)
+            except (RedisError, OSError, TimeoutError) as exc:
+                event = chosen[0]
+                # Failed or unknown (a timeout: it may still run). Either way the event
+                # keeps its id: appending it again later is recognised by that id.
+                self._wrote(exc)
+                log.warning("redis unavailable (%s): journalling events, delivering "
+                            "locally", exc)
             else:
-                self._appended(event)
+                event = chosen[0]
+                self._wrote(None)
+                self._deliver_all(ledger.appended(event))
                 return event
-        self._take_over_unread()
-        self._spool_event(event)
+        self._deliver_all(ledger.take_over())
+        if self.journal is not None:
+            try:
+                self.journal.append(event)
+            except JournalFull:
+                self._on_journal_full()
+                now = time.monotonic()
+                if now - self._journal_full_logged >= 10:  # every refusal is counted
+                    self._journal_full_logged = now
+                    log.error("outage journal full (%d events): refusing publishes (503) "
+                              "until redis takes them", len(self.journal))
+                raise
+        ledger.spool(event)
+        event.shared = False
+        self._wake_flusher()
+        self._deliver_local(event)
         return event
 
-    def _appended(self, event: Event) -> None:
-        """Note an event this instance appended, for its reader to deliver when it reads it
-        back (or for a take-over, should the reader be lost first)."""
-        if event.key <= id_key(self._last_id):
-            return  # the reader was quicker than the reply to XADD: delivered already
-        unread = self._unread
-        if unread and unread[-1].key > event.key:  # concurrent publishes replied out of order
-            bisect.insort(unread, event, key=lambda e: e.key)
+    async def _append_normal(self, chosen: list[Event]) -> None:
+        """Append ``chosen[0]`` at its id, choosing a later one while the stream has moved
+        past it (nothing was appended then, so the id is still free to change). ``chosen``
+        holds the event as last sent, so that on a timeout the caller journals the id the
+        command in flight carries."""
+        for _ in range(100):
+            event = chosen[0]
+            outcome, detail = await asyncio.wait_for(
+                append_event(self._append_script, self._key, self._maxlen, event,
+                             self._instance_id, relocate=False, epoch=self._epoch),
+                COMMAND_TIMEOUT_S)
+            if outcome == "reset":
+                await self._check_epoch()
+                raise RedisError("redis lost its data: appending recent events again first")
+            if outcome != "stale":
+                return
+            self.ledger.stale(detail)
+            chosen[0] = Event(id=self.ledger.new_id(_now_ms()), type=event.type,
+                              timestamp=event.timestamp, data=event.data)
+        raise RedisError("the stream kept moving past every proposed id")
+
+    def _wrote(self, error: BaseException | None) -> None:
+        if error is None:
+            self._write_error = None
+        elif isinstance(error, TimeoutError) or not str(error):
+            self._write_error = f"no reply within {COMMAND_TIMEOUT_S:.0f}s"
         else:
-            unread.append(event)
-        if not self._alive["stream"]:
-            self._take_over_unread()  # the reader was lost while this XADD was in flight
+            self._write_error = f"{type(error).__name__}: {error}"[:200]
 
-    def _take_over_unread(self) -> None:
-        """Deliver here, now and in order, the events this instance appended that its reader
-        has not read back, and spool them in case Redis lost them."""
-        if not self._unread:
-            return
-        unread, self._unread = self._unread, deque()
-        for event in unread:
-            bisect.insort(self._early, event.key)
-            self._spool_event(event, appended_before=True)
+    def _deliver_all(self, events: list[Event]) -> None:
+        """Deliver events the ledger hands back; journal those it made pending."""
+        pending = self.ledger.take_new_pending()
+        if pending:
+            for event in pending:
+                event.shared = False
+            if self.journal is not None:
+                try:
+                    self.journal.append_many(pending, force=True)
+                except BackendUnavailable as exc:
+                    log.error("cannot journal %d taken-over event(s): %s", len(pending), exc)
+            self._wake_flusher()
+        for event in events:
+            self._deliver_local(event)
 
-    def _spool_event(self, event: Event, appended_before: bool = False) -> None:
-        """Deliver ``event`` to this instance's clients now and queue it for the stream.
-        An event that was never appended gets a provisional id here."""
-        if not appended_before:
-            event.id = self._provisional_id()
-        if len(self._spool) >= self._spool_limit:
-            lost, _ = self._spool.popleft()
-            self._on_spool_overflow()
-            log.error("outage spool full: event %s will not reach other instances", lost.id)
-        self._spool.append((event, appended_before))
+    def _wake_flusher(self) -> None:
+        self._flushed.clear()
         self._spool_ready.set()
-        self._deliver_local(event)
 
     def _deliver_local(self, event: Event) -> None:
-        self._delivered_top = max(self._delivered_top, event.key)
         if self._on_event is not None:
             self._on_event(event)
 
-    def _provisional_id(self) -> str:
-        # Stream-shaped and after everything seen or delivered so far; the flusher keeps
-        # this id when Redis accepts it (always after a restart that lost the stream).
-        seen = max(id_key(self._last_id), self._delivered_top)
-        ms = max(int(time.time() * 1000), seen[0], self._provisional[0])
-        seq = self._provisional[1] + 1 if ms == self._provisional[0] else 0
-        if ms == seen[0]:
-            seq = max(seq, seen[1] + 1)
-        self._provisional = (ms, seq)
-        return f"{ms}-{seq}"
-
     async def _flush_spool(self) -> None:
+        backoff = Backoff(base=0.05, cap=1.0)
         while True:
             await self._spool_ready.wait()
-            while self._spool:
-                event, appended_before = self._spool[0]
-                await self._append_spooled(keys=[self._key], args=[
-                    self._maxlen, event.id, event.body(), self._instance_id,
-                    "1" if appended_before else "0"])
-                self._spool.popleft()
+            flushed = 0
+            while self.ledger.pending:
+                event = self.ledger.pending[0]
+                try:
+                    outcome, _ = await asyncio.wait_for(append_event(
+                        self._append_script, self._key, self._maxlen, event,
+                        self._instance_id, relocate=True, epoch=self._epoch),
+                        COMMAND_TIMEOUT_S)
+                    if outcome == "reset":
+                        await self._check_epoch()
+                        continue
+                except (RedisError, OSError, TimeoutError) as exc:
+                    self._wrote(exc)
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                backoff.reset()
+                self._wrote(None)
+                self.ledger.flushed(event)
+                event.shared = True
+                if self.journal is not None:
+                    self.journal.done(event.id)
+                flushed += 1
             self._spool_ready.clear()
-            log.info("outage spool flushed to redis")
+            self._flushed.set()
+            if flushed:
+                log.info("outage journal flushed to redis: %d event(s)", flushed)
 
     async def history(self, after: str, limit: int | None = None) -> History:
         # From ``after`` itself: when that entry is still there, nothing after it was
@@ -356,6 +470,7 @@ class RedisBackend(Backend):
         count = None if limit is None else limit + 2
         try:
             async with self._history_slots:
+                after = await self.position_of(after)  # an event appended after an outage
                 entries = await self.redis.xrange(self._key, min=after, max="+", count=count)
                 known = bool(entries) and _str(entries[0][0]) == after
                 info = None if known else await self.redis.xinfo_stream(self._key)
@@ -385,14 +500,41 @@ class RedisBackend(Backend):
         return History(events=events, truncated=truncated, first_retained=first_id,
                        more=more, last_id=last_id)
 
+
+    async def position_of(self, event_id: str) -> str:
+        """Where ``event_id`` sits in the stream: itself, except for an event appended after
+        an outage behind entries with later ids (the append script records those)."""
+        if not self._moved_exists:
+            return event_id  # no event has landed late here: spare resumes a Redis call
+        moved = await self.redis.hget(self._key + MOVED_SUFFIX, event_id)
+        return event_id if moved is None else _str(moved)
+
     def _decode(self, entry: Any) -> Event | None:
+        """The event an entry holds, with its id (``i`` when it was appended late) and its
+        stream position as sort key; None for a health marker or a malformed entry."""
         raw_id, fields = entry
+        position = _str(raw_id)
+        if _field(fields, "m") is not None:
+            return None
         body = fields.get(b"e", fields.get("e"))
         try:
-            return Event.from_body(_str(raw_id), body)
-        except (ValueError, KeyError, TypeError):
-            log.warning("skipping malformed stream entry %s", _str(raw_id))
+            event = Event.from_body(_field(fields, "i") or position, body)
+            if (not isinstance(event.data, dict) or not isinstance(event.type, str)
+                    or not isinstance(event.timestamp, str)):
+                raise TypeError("not an event envelope")
+            id_key(event.id)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._malformed(position)
             return None
+        return event if event.id == position else positioned(event, position)
+
+    def _malformed(self, position: str) -> None:
+        self._on_malformed()
+        now = time.monotonic()
+        if now - self._malformed_logged >= 60:  # once a minute at most
+            self._malformed_logged = now
+            log.warning("skipping malformed stream entry %s (not an event; further ones "
+                        "are counted in hub_stream_entries_malformed_total)", position)
 
     # -- background loops ---------------------------------------------------------------
     async def _supervise(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
@@ -403,10 +545,10 @@ class RedisBackend(Backend):
                 await loop()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 if self._alive[name]:
                     backoff.reset()  # it had recovered since the last failure
-                self._set_alive(name, False)
+                self._alive[name] = False
                 delay = backoff.next_delay()
                 log.warning("redis %s loop lost its connection (%s); retrying in %.2fs",
                             name, exc, delay)
@@ -414,67 +556,129 @@ class RedisBackend(Backend):
                 self._on_reconnect()
             except Exception:
                 # A bug, not an outage: log it loudly and keep the instance serving.
-                self._set_alive(name, False)
+                self._alive[name] = False
                 log.exception("redis %s loop crashed; restarting", name)
                 await asyncio.sleep(backoff.next_delay())
             else:  # pragma: no cover - the loops only return when cancelled
                 return
 
-    def _set_alive(self, name: str, alive: bool) -> None:
-        self._alive[name] = alive
+    async def _find_tail(self) -> None:
+        """Start reading after the newest entry that exists now: older ones are history."""
+        if not self._tail_unknown:
+            return
+        self._moved_exists = bool(await self.redis.exists(self._key + MOVED_SUFFIX))
+        newest = await self.redis.xrevrange(self._key, count=1)
+        if newest:
+            self.ledger.last_read = id_key(_str(newest[0][0]))
+            self.ledger.ids.learn(self.ledger.last_read)
+        self._tail_unknown = False
+
+    async def _check_epoch(self) -> None:
+        """Notice Redis losing its data (restarted empty, flushed): a key set once per
+        dataset changes or vanishes with it."""
+        key = self._key + EPOCH_SUFFIX
+        epoch = await self.redis.get(key)
+        if epoch is None:
+            await self.redis.set(key, secrets.token_hex(8), nx=True)
+            epoch = await self.redis.get(key)
+        value = None if epoch is None else _str(epoch)
+        if self._epoch is not None and value != self._epoch:
+            log.warning("redis lost its data (restarted empty or flushed): reading the new "
+                        "stream from its start, appending recent events again")
+            self._generation += 1
+            self._deliver_all(self.ledger.redis_reset())
+            self._wake_flusher()
+        self._epoch = value
 
     async def _read_stream(self) -> None:
+        ledger = self.ledger
         try:
+            await self._find_tail()
+            await self._check_epoch()
+            ledger.reader_back()
+            self._alive["stream"] = True
+            self._caught_up_at = time.monotonic()
             while True:
-                response = await self.redis.xread({self._key: self._last_id}, count=1000,
-                                                  block=1000)
-                self._alive["stream"] = True
-                for _stream, entries in response or ():
-                    # Several events read at once: one write per client for all of them.
-                    with self._batch() if len(entries) > 1 else nullcontext():
-                        for entry in entries:
-                            self._read_entry(entry)
-        except (RedisError, OSError):
+                generation = self._generation
+                response = await self.redis.xread({self._key: format_id(ledger.last_read)},
+                                                  count=READ_COUNT, block=READ_BLOCK_MS)
+                if generation != self._generation:
+                    continue  # Redis lost its data meanwhile: read the new stream instead
+                entries = response[0][1] if response else ()
+                if len(entries) < READ_COUNT:
+                    self._caught_up_at = time.monotonic()
+                # Several events read at once: one write per client for all of them.
+                with self._batch() if len(entries) > 1 else nullcontext():
+                    for entry in entries:
+                        self._read_entry(entry)
+        except (RedisError, OSError, TimeoutError):
             # Until it is back, this instance delivers what it publishes itself.
-            self._lost_at = self._last_id
-            self._take_over_unread()
+            self._deliver_all(ledger.reader_lost())
             raise
 
     def _read_entry(self, entry: Any) -> None:
-        self._last_id = _str(entry[0])
-        key = id_key(self._last_id)
-        unread = self._unread
-        own = None  # this instance's own event: no need to decode it again
-        while unread and unread[0].key <= key:
-            own = unread.popleft()
-        fields = entry[1]
-        if self._was_delivered_early(key) or _field(fields, "o") == self._instance_id:
-            return  # delivered locally already (spooled or taken over)
-        appended_before = _field(fields, "k")
-        if appended_before is not None and id_key(appended_before) <= id_key(self._lost_at):
-            return  # appended again after Redis lost it, but read here before that
-        event = own if own is not None and own.key == key else self._decode(entry)
-        if event is not None:
-            self._deliver_local(event)
+        position, fields = _str(entry[0]), entry[1]
+        marker = _field(fields, "m")
+        if marker is not None:
+            self.ledger.read(position, None, lambda: None)
+            if marker == self._instance_id:
+                self._marker_read(position, _field(fields, "n"))
+            return
+        event_id = _field(fields, "i")
+        if event_id is None:
+            event_id = position
+        else:
+            self._moved_exists = True
+        self._deliver_all(self.ledger.read(position, event_id, lambda: self._decode(entry)))
 
-    def _was_delivered_early(self, key: tuple[int, int]) -> bool:
-        early = self._early
-        if not early:
-            return False
-        passed = bisect.bisect_left(early, key)
-        found = passed < len(early) and early[passed] == key
-        # Entries before this one that the reader never met were lost with Redis's data
-        # (and appended again, under new ids, from the spool): forget them.
-        del early[:passed + found]
-        return found
+    def _marker_read(self, position: str, seq: str | None) -> None:
+        self._marker_back.append(position)
+        out = self._marker_out
+        if out is not None and seq is not None and seq.isdigit() and int(seq) >= out[0]:
+            self.round_trip_s = time.monotonic() - out[1]
+            self._marker_out = None
+
+    async def _health_loop(self) -> None:
+        """The round trip: append a small marker, see it come back through the reader (not
+        delivered to clients); check the dataset is the same; report the figures."""
+        while True:
+            self._on_health({"reader_lag_s": self.reader_lag_s,
+                             "round_trip_s": self.round_trip_s,
+                             "journal_events": float(len(self.journal) if self.journal
+                                                     else len(self.ledger.pending))})
+            await asyncio.sleep(self._marker_interval)
+            if self._marker_back:
+                done, self._marker_back = self._marker_back, []
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(self.redis.xdel(self._key, *done), COMMAND_TIMEOUT_S)
+            self._marker_seq += 1
+            if self._marker_out is None:
+                self._marker_out = (self._marker_seq, time.monotonic())
+            try:
+                await asyncio.wait_for(self.redis.xadd(
+                    self._key, {"m": self._instance_id, "n": str(self._marker_seq)},
+                    maxlen=self._maxlen, approximate=True), COMMAND_TIMEOUT_S)
+                await asyncio.wait_for(self._check_epoch(), COMMAND_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._wrote(exc)
+                continue
+            if not self.ledger.pending:
+                self._wrote(None)
 
     async def _subscribe_legacy(self) -> Any:
+        seconds, micros = await self.redis.time()
+        since_ms = int(seconds) * 1000 + int(micros) // 1000
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._legacy_channel)
         except BaseException:
             await pubsub.aclose()
             raise
+        # A new subscription receives messages from here on: a fresh name and count for
+        # the claim script, which aligns it with the channel's shared message count.
+        self._legacy_sub = f"{self._instance_id}:{secrets.token_hex(4)}"
+        self._legacy_n = 0
+        self._legacy_since_ms = since_ms
         self._alive["legacy"] = True
         return pubsub
 
@@ -495,15 +699,32 @@ class RedisBackend(Backend):
 
     async def _ingest_legacy(self, raw: bytes | str) -> None:
         payload = raw.encode() if isinstance(raw, str) else raw
+        self._legacy_n += 1
+        # Every message takes part in the count, valid or not: every instance counts the
+        # same messages, whatever it makes of them.
         parsed = self._legacy_parser(payload)
+        digest = hashlib.sha256(payload).hexdigest()[:16]
+        body = b""
+        if parsed is not None:
+            type_, timestamp, data = parsed
+            body = Event(id="", type=type_, timestamp=timestamp, data=data).body()
+        try:
+            result = await self._claim(
+                keys=[self._key, self._key + LEGACY_SUFFIX],
+                args=[self._maxlen, self._legacy_sub, self._legacy_n, digest, body,
+                      self._legacy_since_ms, LEGACY_LOG, LEGACY_ALIGN_MS])
+        except aioredis.ResponseError as exc:
+            # Redis refuses the claim (OOM): this envelope is lost, the subscription (and
+            # its count) stays, so the next ones are claimed in their right place.
+            self._wrote(exc)
+            self._on_legacy("refused")
+            log.error("legacy envelope not ingested: redis refused the claim (%s)", exc)
+            return
         if parsed is None:
             self._on_legacy("invalid")
-            return
-        type_, timestamp, data = parsed
-        body = Event(id="", type=type_, timestamp=timestamp, data=data).body()
-        digest = hashlib.sha256(payload).hexdigest()
-        appended = await self._ingest(
-            keys=[self._key, f"{self._key}:legacy:{digest}"],
-            args=[self._maxlen, body, LEGACY_DEDUP_MS],
-        )
-        self._on_legacy("appended" if appended else "duplicate")
+        else:
+            self._on_legacy("appended" if _str(result) == "appended" else "duplicate")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
