@@ -260,22 +260,34 @@ async def test_slowloris_headers_get_408(tight: Served) -> None:
 def per_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with serve(tmp_path_factory.mktemp("addr"), {
         "HUB_MAX_PENDING_PER_ADDRESS": "5", "HUB_TRUSTED_PROXIES": "127.0.0.3",
-        "HUB_HANDSHAKE_TIMEOUT_S": "30",
+        # A waiting connection may be dropped for a newcomer after half of this: 3 s.
+        "HUB_HANDSHAKE_TIMEOUT_S": "6",
     }) as served:
         yield served
 
 
 async def test_pending_connections_are_capped_per_address(per_address: Served) -> None:
     port = per_address.port
+    request = b"GET /ws/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
     try:
-        # The sixth from the same address is refused at once; other addresses still get
-        # in, and a configured proxy (thousands of clients behind it) is not capped.
-        assert status_of(await raw(port, b"")) == 503
+        # Over the cap, a newcomer from the same address is never refused (thousands of
+        # clients behind one load balancer must all get in) ...
+        assert status_of(await raw(port, request)) == 200
+        # ... but once the address's oldest waiting connection has waited half the request
+        # deadline, a newcomer takes its place: it is answered 503 before its own 408.
+        first_reader = opened[0][0]
+        evicted = asyncio.ensure_future(first_reader.read())
+        deadline = time.monotonic() + 5.5
+        while not evicted.done():
+            assert time.monotonic() < deadline, "the oldest connection was never dropped"
+            opened.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.wait([evicted], timeout=0.25)
+        assert status_of(evicted.result()) == 503
+        # Other addresses get in, and a configured proxy is not capped at all.
         others = [await asyncio.open_connection("127.0.0.1", port, local_addr=(ip, 0))
                   for ip in ["127.0.0.2"] + ["127.0.0.3"] * 20]
         opened += others
-        request = b"GET /ws/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         assert status_of(await raw(port, request, local="127.0.0.3")) == 200
         assert status_of(await raw(port, request, local="127.0.0.2")) == 200
     finally:

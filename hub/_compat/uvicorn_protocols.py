@@ -71,6 +71,7 @@ class Limits:
     close_timeout_s: float
     max_pending: int
     max_pending_per_address: int
+    max_pending_ceiling: int
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     def is_exempt(self, address: str) -> bool:
@@ -83,57 +84,76 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        max_pending = settings.max_pending_connections
-        if soft != resource.RLIM_INFINITY:
-            # Never let not-yet-authenticated connections take more than half of the
-            # descriptors: health checks and real clients keep the rest.
-            max_pending = max(1, min(max_pending, soft // 2))
+        # Never let not-yet-authenticated connections take more than half of the
+        # descriptors: health checks and real clients keep the rest.
+        ceiling = max(1, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 20
+        max_pending = max(1, min(settings.max_pending_connections, ceiling))
         # Exempt from the per-address cap: the configured proxies ("*" stays capped).
         exempt = tuple(ipaddress.ip_network(p, strict=False)
                        for p in settings.trusted_proxies if p != "*")
         return cls(settings.max_header_bytes, settings.max_headers, settings.body_limit,
                    settings.handshake_timeout_s, settings.close_timeout_s, max_pending,
-                   settings.max_pending_per_address, exempt)
+                   settings.max_pending_per_address, ceiling, exempt)
 
 
 class PendingConnections:
     """Connections that have not yet delivered a complete first request, oldest first.
 
-    Over the per-address cap a new connection is refused; over the instance cap the
-    connection that has waited longest is dropped to make room, so a flood of idle
-    sockets cannot lock out a health check or a real client, which completes its request
-    in milliseconds."""
+    No legitimate connection is refused for being one of many: thousands of clients
+    reconnecting at once, all from one load balancer's address, each complete their request
+    within moments. So the caps pick whom to drop, never the newcomer:
+
+    - over the per-address cap, that address's oldest waiting connection is dropped (503)
+      once it has waited ``grace_s`` (half the request deadline); a younger one stays;
+    - over the instance cap, the oldest waiting connection is dropped once it has waited
+      ``grace_s``, and at once when the hard ceiling (half the descriptor limit) is hit.
+
+    A flood of idle sockets therefore holds at most the ceiling's descriptors, each for at
+    most ``grace_s`` once the caps are reached, and cannot lock out a health check or a
+    real client, which completes its request in milliseconds."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._waiting: dict[HubHttpProtocol, str] = {}  # insertion-ordered: oldest first
+        # insertion-ordered, oldest first: connection -> (address, when it arrived)
+        self._waiting: dict[HubHttpProtocol, tuple[str, float]] = {}
         self.by_address: Counter[str] = Counter()
-        self.refused = 0
         self.evicted = 0
 
     @property
     def total(self) -> int:
         return len(self._waiting)
 
-    def acquire(self, conn: HubHttpProtocol, address: str) -> bool:
+    @property
+    def grace_s(self) -> float:
+        return self.limits.handshake_timeout_s / 2
+
+    def acquire(self, conn: HubHttpProtocol, address: str) -> None:
         limits = self.limits
+        now = time.monotonic()
         if (self.by_address[address] >= limits.max_pending_per_address
                 and not limits.is_exempt(address)):
-            self.refused += 1
-            return False
-        while len(self._waiting) >= limits.max_pending:
-            self.evicted += 1
+            oldest = next(c for c, (a, _) in self._waiting.items() if a == address)
+            if now - self._waiting[oldest][1] >= self.grace_s:
+                self._evict(oldest)
+        if len(self._waiting) >= limits.max_pending:
             oldest = next(iter(self._waiting))
-            self.release(oldest)  # before evict(), so this loop always ends
-            oldest.evict()
-        self._waiting[conn] = address
+            if now - self._waiting[oldest][1] >= self.grace_s:
+                self._evict(oldest)
+        while len(self._waiting) >= limits.max_pending_ceiling:
+            self._evict(next(iter(self._waiting)))
+        self._waiting[conn] = (address, now)
         self.by_address[address] += 1
-        return True
+
+    def _evict(self, conn: HubHttpProtocol) -> None:
+        self.evicted += 1
+        self.release(conn)  # before evict(), so the callers' loops always end
+        conn.evict()
 
     def release(self, conn: HubHttpProtocol) -> None:
-        address = self._waiting.pop(conn, None)
-        if address is None:
+        entry = self._waiting.pop(conn, None)
+        if entry is None:
             return
+        address = entry[0]
         self.by_address[address] -= 1
         if self.by_address[address] <= 0:
             del self.by_address[address]
@@ -206,13 +226,7 @@ class HubHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(closing_transport(transport, self.limits.close_timeout_s))
         address = self.client[0] if self.client else ""
-        if not self.hub_config.pending.acquire(self, address):
-            self.hub_config.refusal_log.warning(
-                "pending", f"refusing a connection from {address}: too many connections "
-                "from it without a complete request")
-            self._refuse(503, "too many connections without a complete request; retry later",
-                         ((b"retry-after", b"1"),), linger=False)
-            return
+        self.hub_config.pending.acquire(self, address)
         self._pending = True
         self._arm_deadline()
 
