@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,16 +224,21 @@ class HubProcess:
 
 
 def start_hub_process(env: dict[str, str], *args: str, port: int | None = None,
-                      tmp_path: Path) -> HubProcess:
+                      tmp_path: Path, log_level: str = "warning",
+                      preexec_fn: Callable[[], None] | None = None,
+                      start_timeout: float = 20) -> HubProcess:
+    """A real ``hub serve`` on a free port, once its health answers 200; ``preexec_fn``
+    runs in the child before exec (e.g. to lower its descriptor limit)."""
     port = port or free_port()
     log_path = tmp_path / f"hub-{port}.log"
     full_env = {**os.environ, **env}
     process = subprocess.Popen(
-        [sys.executable, "-m", "hub", "serve", "--port", str(port), "--log-level", "warning",
+        [sys.executable, "-m", "hub", "serve", "--port", str(port), "--log-level", log_level,
          *args],
         env=full_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True,
+        preexec_fn=preexec_fn,
     )
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + start_timeout
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ws/health", timeout=1).status_code == 200:

@@ -16,7 +16,6 @@ import os
 import re
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from hub.config import Settings
 from hub.events import Event
 from hub.logs import redact
 from hub.tail import format_line, json_line
-from tests.conftest import SECRET, free_port, make_token, stop_process
+from tests.conftest import SECRET, make_token, start_hub_process, stop_process
 from tests.helpers import close_code, recv_type, stalled_client, wait_until
 
 MB = 1024 * 1024
@@ -90,34 +89,19 @@ class Served:
 @contextlib.contextmanager
 def serve(tmp_path: Path, env: dict[str, str], *, nofile: int | None = None,
           log_level: str = "warning") -> Iterator[Served]:
-    port = free_port()
-    log_path = tmp_path / f"hub-{port}.log"
-
     def limit() -> None:  # in the child, before exec
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hub", "serve", "--port", str(port), "--log-level", log_level],
-        # Many refusals from 127.0.0.1 on purpose: each must show its own close code, not the
-        # early 403 that repeated refusals from one address get (tests/test_proxy_compat.py).
-        env={**os.environ, "JWT_SECRET": SECRET, "HUB_REFUSAL_LIMIT": "100000", **env},
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT, text=True, preexec_fn=limit)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ws/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"hub did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
+    # Many refusals from 127.0.0.1 on purpose: each must show its own close code, not the
+    # early 403 that repeated refusals from one address get (tests/test_proxy_compat.py).
+    hub = start_hub_process({"JWT_SECRET": SECRET, "HUB_REFUSAL_LIMIT": "100000", **env},
+                            tmp_path=tmp_path, log_level=log_level, preexec_fn=limit,
+                            start_timeout=30)
     try:
-        yield Served(process, port, log_path)
+        yield Served(hub.process, hub.port, hub.log_path)
     finally:
-        stop_process(process)
+        stop_process(hub.process)
 
 
 @pytest.fixture(scope="module")
