@@ -58,3 +58,18 @@ def test_size_zero_keeps_nothing() -> None:
     window = ReplayWindow(0)
     window.add(event(1))
     assert not window.covers((1, 0)) and window.newest is None
+
+
+def test_a_resume_from_an_event_appended_late_starts_at_its_position() -> None:
+    """After an outage an instance's event may be appended behind entries with higher ids
+    (hub.dispatch.ledger.positioned): a client that saw it had every event before its
+    position, so a resume from its id must not send those again."""
+    from hub.dispatch.ledger import positioned
+
+    window = ReplayWindow(10)
+    late = positioned(event(5), "30-0")
+    for e in (event(10), event(20), late, event(40)):
+        window.add(e)
+    assert window.position(late.id) == (30, 0)
+    assert window.position("20-0") == (20, 0)
+    assert [e.id for e in window.after(window.position(late.id), 10)] == ["40-0"]

@@ -401,7 +401,7 @@ class Dispatcher:
         the replay window when it covers the cursor (no I/O), else from the backend. Ends
         when a page reaches the head of the history and nothing held was dropped."""
         began = time.monotonic()
-        cursor_id, cursor = after, id_key(after)
+        cursor_id, cursor = after, self.window.position(after)
         sent_live_until = sub.last_sent  # before the hold: what went out live
         replayed, truncated, first_retained, first = 0, False, None, True
         while not sub.closed:
@@ -416,6 +416,7 @@ class Dispatcher:
                 more = len(events) == limit
                 head_seen = True  # the window is everything delivered up to now
                 end_id = events[-1].id if events else cursor_id
+                end_key = events[-1].key if events else cursor
                 self.metrics.replay_pages.labels("window").inc()
             else:
                 history, issued = await self._history_page(cursor_id, limit, began)
@@ -427,8 +428,14 @@ class Dispatcher:
                 events = history.events[:limit]
                 cut = len(events) < len(history.events)
                 more = history.more or cut
-                end_id = (events[-1].id if cut else history.last_id
-                          or (events[-1].id if events else cursor_id))
+                # The cursor moves by stream position (an event appended late, after an
+                # outage, sits after higher ids): the last event sent, else the page's end.
+                if cut or (events and not history.last_id):
+                    end_id, end_key = events[-1].id, events[-1].key
+                elif history.last_id:
+                    end_id, end_key = history.last_id, id_key(history.last_id)
+                else:
+                    end_id, end_key = cursor_id, cursor
                 # A page read before this replay began cannot say nothing came after it.
                 head_seen = issued >= began
                 self.metrics.replay_pages.labels("backend").inc()
@@ -440,7 +447,7 @@ class Dispatcher:
                               and live_since[e.type] < e.key <= sent_live_until)]
             with self._batch():  # one write per page, not one per event
                 replayed += sub.replay(batch)
-            cursor_id, cursor = end_id, id_key(end_id)
+            cursor_id, cursor = end_id, end_key
             sub.replayed_until(cursor)
             if more or not head_seen:
                 continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 
-from hub.events import Event
+from hub.events import Event, id_key
 
 
 class ReplayWindow:
@@ -31,6 +31,9 @@ class ReplayWindow:
         self._sizes: list[int] = []
         self._bytes = 0
         self._start = 0  # index of the oldest entry kept (trimmed lazily, in bulk)
+        # Events whose id is not their stream position (appended late, after an outage:
+        # hub.dispatch.ledger.positioned): id -> position, for resumes from such an id.
+        self._late: dict[str, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._keys) - self._start
@@ -43,6 +46,9 @@ class ReplayWindow:
             # Out of order (never expected): drop what the window can no longer vouch for.
             self._events, self._keys, self._sizes = [], [], []
             self._bytes = self._start = 0
+            self._late.clear()
+        if key != id_key(event.id):  # positioned: appended late, after an outage
+            self._late[event.id] = key
         size = len(event.text)  # encoded once for delivery anyway
         self._events.append(event)
         self._keys.append(key)
@@ -52,10 +58,19 @@ class ReplayWindow:
             self._bytes -= self._sizes[self._start]
             self._start += 1
         if self._start >= max(self.size, 64):  # compact now and then, not on every event
+            if self._late:
+                oldest = self._keys[self._start]
+                self._late = {i: k for i, k in self._late.items() if k >= oldest}
             del self._events[:self._start]
             del self._keys[:self._start]
             del self._sizes[:self._start]
             self._start = 0
+
+    def position(self, event_id: str) -> tuple[int, int]:
+        """Where a resume from ``event_id`` starts: its id's key, or, for an event appended
+        late that the window holds, its position (events between the two were sent before
+        it, so the client has them)."""
+        return self._late.get(event_id) or id_key(event_id)
 
     def covers(self, after: tuple[int, int]) -> bool:
         """Whether every delivered event with an id greater than ``after`` is here."""
