@@ -28,7 +28,8 @@ import pytest
 from tests.conftest import ROOT, SECRET, RedisServer, make_token
 from tests.helpers import THREAT, close_code, connected, recv_json, recv_type, send_json
 
-pytestmark = pytest.mark.slow
+# The first run on a machine installs podman and builds the base image (about 2 minutes).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PORT = 8000  # what the image's CMD serves and its HEALTHCHECK probes
 TYPE = "threat_detected"
