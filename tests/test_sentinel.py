@@ -329,6 +329,18 @@ async def _run(sentinels: Sentinels, hubs: list[HubProcess], stream: str,
             break
         await asyncio.sleep(0.1)
 
+    # Both instances are on the new master: their health (write path, read path, round
+    # trip of a marker through the stream) says healthy again.
+    health: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=5) as http:
+        deadline = time.monotonic() + 30
+        while True:
+            health = {h.url: (await http.get(f"{h.url}/ws/health")).json() for h in hubs}
+            if all(v["status"] == "healthy" for v in health.values()):
+                break
+            assert time.monotonic() < deadline, f"not healthy after the failover: {health}"
+            await asyncio.sleep(0.2)
+
     figures = {c.name: score(c.received, expected, source) for c in clients}
     for client in clients:  # reported, not promised: events landing late after an outage
         seen = [position[m["id"]] for m in client.received if m["id"] in position]
