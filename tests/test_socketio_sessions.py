@@ -372,7 +372,7 @@ async def test_a_ping_timeout_frees_a_peer_that_stopped_reading() -> None:
 
 async def test_ping_settings_reach_the_handshake() -> None:
     from hub.config import Settings
-    from hub.exceptions import ConfigError
+    from hub.errors import ConfigError
 
     settings = Settings.from_env({"JWT_SECRET": SECRET, "HUB_PING_INTERVAL_S": "3",
                                   "HUB_PING_TIMEOUT_S": "2.5"})

@@ -13,32 +13,52 @@ import contextlib
 import itertools
 import logging
 import secrets
-import time
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from hub.auth import AuthError, Principal, token_from_headers
-from hub.dispatch.base import Subscriber
+from hub.connection import (
+    ConnState,
+    Outbox,
+    Path,
+    Services,
+    Subscriber,
+    count_slow,
+    schedule_expiry,
+)
+from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
-from hub.exceptions import ProtocolError
 from hub.limits import TokenBucket
 from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
 from hub.protocol import server_message as control
 from hub.refusals import Answer
-from hub.transports.frames import frame_sink, text_frame, write_queued
-
-if TYPE_CHECKING:
-    from hub.app import Hub
+from hub.transports.frames import frame_sink, text_frame
 
 log = logging.getLogger("hub.websocket")
 _ids = itertools.count(1)
 
 
+class _PlainOutbox(Outbox):
+    __slots__ = ()
+    GONE = (WebSocketDisconnect, OSError, RuntimeError)
+
+
+def event_frame(event: Event) -> bytes:
+    """The event's text frame for ``/ws/events``, built once per event."""
+    frame: bytes = event.encoded("ws", _encode_frame)
+    return frame
+
+
+def _encode_frame(event: Event) -> bytes:
+    return text_frame(event.text.encode())
+
+
 class PlainConnection(Subscriber):
+    """A ``/ws/events`` connection: the connection core with the spec's JSON texts."""
+
     transport = "websocket"
 
     def __init__(self, websocket: WebSocket, principal: Principal, outbox_limit: int,
@@ -49,127 +69,72 @@ class PlainConnection(Subscriber):
         self.connection_id = f"ws_{next(_ids)}_{secrets.token_hex(4)}"
         # With a sink, frames go straight to the transport (shared, pre-encoded bytes) and
         # the outbox holds frames; without one, it holds texts for ASGI sends.
-        self._sink = frame_sink(websocket.scope)
-        # Created on first use: an empty deque is ~600 bytes, and most connections never
-        # queue anything when frames go straight to the transport.
-        self._outbox: deque[str | bytes] | None = None
-        self._limit = outbox_limit
-        self._close_after_flush: tuple[int, str] | None = None
-        self._closed = False
+        self.outbox = _PlainOutbox(outbox_limit, frame_sink(websocket.scope),
+                                   send=websocket.send_text)
         self._on_slow = on_slow
         self._on_abort = on_abort
-        self.writer: asyncio.Task[None] | None = None
         self.resume_task: asyncio.Task[Any] | None = None
         self.hold_limit = outbox_limit
 
     @property
     def frame_path(self) -> str:
         """How its events reach the transport (for the hub_frame_path_connections metric)."""
-        return "direct" if self._sink is not None else "asgi"
+        return self.outbox.path.value
 
     def close_after_error(self) -> None:
         """A send to it failed (see Dispatcher._deliver): close it."""
         self.abort(CloseCode.INTERNAL_ERROR, "internal error")
 
-    # -- outbox -------------------------------------------------------------------------
+    # -- the outbox (hub.connection.Outbox) -----------------------------------------------
     @property
     def queued(self) -> int:
-        return len(self._outbox) if self._outbox is not None else 0
+        return self.outbox.queued
 
     def replay_room(self) -> int:
-        return 0 if self._closed else self._limit - self.queued
+        return self.outbox.room()
 
     async def wait_room(self) -> None:
         # The writer runs until the outbox is empty (or the connection is gone).
-        writer = self.writer
-        if writer is not None and not writer.done():
-            await asyncio.wait((writer,))
+        await self.outbox.wait_drained()
 
     @property
     def closed(self) -> bool:
         # Closing after a flush (shutdown) takes nothing more: a replay stops there.
-        return self._closed or self._close_after_flush is not None or super().closed
+        return self.outbox.state is not ConnState.OPEN or super().closed
 
     def _send(self, event: Event, replay: bool = False) -> None:
-        self._put(event.frame if self._sink is not None else event.text, bounded=not replay)
+        direct = self.outbox.path is Path.DIRECT
+        self._put(event_frame(event) if direct else event.text, bounded=not replay)
 
     def send_control(self, name: str, data: dict[str, Any]) -> None:
         self.enqueue(control(name, data))
 
     def enqueue(self, text: str) -> None:
         """Queue a control message (a reply to the client, bounded by its message rate)."""
-        self._put(text_frame(text.encode()) if self._sink is not None else text, bounded=False)
+        direct = self.outbox.path is Path.DIRECT
+        self._put(text_frame(text.encode()) if direct else text, bounded=False)
 
     def _put(self, item: str | bytes, bounded: bool) -> None:
-        """Send or queue one frame. Only live events are ``bounded`` by the outbox limit:
-        replies are bounded by the client's message rate, replays by the history size."""
-        if self._closed or self._close_after_flush is not None:
-            return
-        sink = self._sink
-        if sink is not None and not self._outbox and sink.ready():
-            # Nothing queued ahead of it and no backpressure: out now, no task switch.
-            assert isinstance(item, bytes)
-            sink.write(item)
-            return
-        if bounded and self.queued >= self._limit:
+        """Only live events are ``bounded`` by the outbox limit: replies are bounded by the
+        client's message rate, replays by the history size."""
+        if not self.outbox.put(item, bounded):
             self._on_slow(self)
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
-            return
-        if self._outbox is None:
-            self._outbox = deque()
-        self._outbox.append(item)
-        self._start_writer()
-
-    def _start_writer(self) -> None:
-        # A writer task exists only while something waits to be sent: an idle connection
-        # (most of them, most of the time) costs no task.
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.get_running_loop().create_task(self._run_writer())
-
-    async def _drain(self) -> None:
-        ws, sink, outbox = self.websocket, self._sink, self._outbox
-        if outbox is None:
-            return
-        if sink is not None:
-            await write_queued(sink, outbox)
-            return
-        while outbox:
-            item = outbox.popleft()
-            assert isinstance(item, str)
-            await ws.send_text(item)
-
-    async def _run_writer(self) -> None:
-        ws = self.websocket
-        try:
-            await self._drain()
-            if self._close_after_flush is not None:
-                code, reason = self._close_after_flush
-                self._closed = True
-                await ws.close(code, reason)
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            # The peer went away (or the socket was closed under us): nothing left to send.
-            self._closed = True
 
     # -- closing ------------------------------------------------------------------------
     def close_after_flush(self, code: int, reason: str) -> None:
         """Send what is queued, then close (graceful shutdown)."""
-        if self._closed or self._close_after_flush is not None:
-            return
-        self._close_after_flush = (code, reason)
-        self._start_writer()
+        websocket = self.websocket
+
+        async def close() -> None:
+            await websocket.close(code, reason)
+        self.outbox.close_after_flush(close)
 
     def abort(self, code: int, reason: str) -> None:
         """Drop what is queued and close now (slow consumer, expiry, abuse)."""
-        if self._closed:
+        if not self.outbox.abort():
             return
-        self._closed = True
-        if self._outbox is not None:
-            self._outbox.clear()
         self._on_abort(self)  # stop fan-out to it now, not when its TCP connection ends
-        if self.writer is not None:
-            # The writer may be stuck in a send to a client that does not read; a frame
-            # already handed to the transport stays whole, so cancelling it is safe.
-            self.writer.cancel()
         asyncio.get_running_loop().create_task(_close(self.websocket, code, reason))
 
 
@@ -184,7 +149,7 @@ def _resumed(conn: PlainConnection, task: asyncio.Task[Any]) -> None:
     elif exc is not None:
         log.error("resume failed on %s", conn.connection_id, exc_info=exc)
         conn.enqueue(error_message(ProtocolError("the resume failed; live events continue",
-                                                 code="history_unavailable")))
+                                                 code=ErrorCode.HISTORY_UNAVAILABLE)))
     else:
         conn.send_control("resumed", task.result().message())
 
@@ -198,7 +163,7 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 class PlainTransport:
     """The ``/ws/events`` endpoint of one hub instance."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Services) -> None:
         self.hub = hub
         self.connections: set[PlainConnection] = set()
 
@@ -262,7 +227,8 @@ class PlainTransport:
             "instance_id": hub.settings.instance_id,
             "event_types": hub.dispatcher.subscribed_to(conn),
         }))
-        expiry = self._schedule_expiry(conn)
+        expiry = schedule_expiry(principal, hub.verifier.leeway, lambda: conn.abort(
+            CloseCode.UNAUTHORIZED, "token expired"))
         try:
             last_event_id = websocket.headers.get("last-event-id")
             if last_event_id:
@@ -282,28 +248,17 @@ class PlainTransport:
             hub.dispatcher.remove(conn)
             self.connections.discard(conn)
             hub.metrics.connections.labels(conn.transport).dec()
-            writer = conn.writer
+            writer = conn.outbox.writer
             if writer is not None:
-                if not writer.done() and conn._close_after_flush is None:
+                if not writer.done() and not conn.outbox.closing_after_flush:
                     writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
 
-    def _schedule_expiry(self, conn: PlainConnection) -> asyncio.TimerHandle | None:
-        expires_at = conn.principal.expires_at
-        if expires_at is None:
-            return None
-        delay = max(0.0, expires_at + self.hub.verifier.leeway - time.time())
-        return asyncio.get_running_loop().call_later(
-            delay, conn.abort, CloseCode.UNAUTHORIZED, "token expired")
-
     def _slow(self, conn: PlainConnection) -> None:
-        metrics = self.hub.metrics
-        metrics.slow_consumers.labels(conn.transport).inc()
         # What it had queued and the event that overflowed it are discarded with it.
-        metrics.dropped.labels("slow_consumer").inc(conn.queued + 1)
-        log.warning("closing slow consumer %s (user %s)", conn.connection_id,
-                    conn.principal.user_id)
+        count_slow(self.hub.metrics, log, conn.transport, conn.connection_id,
+                   conn.principal.user_id, conn.queued + 1)
 
     async def _read(self, websocket: WebSocket, conn: PlainConnection) -> None:
         settings = self.hub.settings
@@ -322,7 +277,7 @@ class PlainTransport:
                     text = data.decode()
                 except UnicodeDecodeError:
                     conn.enqueue(error_message(ProtocolError(
-                        "binary frames must hold UTF-8 JSON", code="invalid_json")))
+                        "binary frames must hold UTF-8 JSON", code=ErrorCode.INVALID_JSON)))
                     continue
             if len(text) > settings.max_message_bytes:
                 conn.abort(CloseCode.MESSAGE_TOO_BIG, "message too big")
@@ -362,6 +317,6 @@ class PlainTransport:
         """Flush every outbox, then close each connection with 1001."""
         for conn in tuple(self.connections):
             conn.close_after_flush(CloseCode.GOING_AWAY, "server shutting down")
-        writers = [c.writer for c in self.connections if c.writer is not None]
+        writers = [w for c in self.connections if (w := c.outbox.writer) is not None]
         if writers:
             await asyncio.wait(writers, timeout=self.hub.settings.shutdown_timeout_s)
