@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hub.auth import Principal
 from hub.events import Event
-from hub.transports.frames import FrameSink, write_queued
+from hub.transports.frames import Sink, write_queued
 
 if TYPE_CHECKING:
     from hub.auth import OriginPolicy, TokenVerifier
@@ -84,7 +84,7 @@ class Outbox:
 
     __slots__ = ("_closer", "_queue", "_send", "_sink", "limit", "path", "state", "writer")
 
-    def __init__(self, limit: int, sink: FrameSink | None = None, *,
+    def __init__(self, limit: int, sink: Sink | None = None, *,
                  send: Callable[[Any], Awaitable[None]] | None = None,
                  path: Path | None = None) -> None:
         self.limit = limit
@@ -100,7 +100,7 @@ class Outbox:
         self._closer: Callable[[], Awaitable[None]] | None = None
 
     @property
-    def sink(self) -> FrameSink | None:
+    def sink(self) -> Sink | None:
         return self._sink
 
     @property
@@ -166,7 +166,7 @@ class Outbox:
             # The peer went away (or the socket was closed under us): nothing left to send.
             self.state = ConnState.CLOSED
 
-    def switch_over(self, sink: FrameSink, ready: Callable[[], Awaitable[None]]) -> None:
+    def switch_over(self, sink: Sink, ready: Callable[[], Awaitable[object]]) -> None:
         """QUEUED -> SWITCHING -> DIRECT: frames go to ``sink`` once ``ready()`` returns
         (what another queue holds has been sent); until then they wait here, in order."""
         if self._sink is not None or self.state is not ConnState.OPEN:
@@ -175,7 +175,7 @@ class Outbox:
         self.path = Path.SWITCHING
         self.writer = asyncio.get_running_loop().create_task(self._switch(ready))
 
-    async def _switch(self, ready: Callable[[], Awaitable[None]]) -> None:
+    async def _switch(self, ready: Callable[[], Awaitable[object]]) -> None:
         await ready()
         self.path = Path.DIRECT
         await self._run()

@@ -19,7 +19,7 @@ import contextlib
 import struct
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from hub._compat import uvicorn as uvicorn_compat
 
@@ -37,6 +37,20 @@ def text_frame(payload: bytes) -> bytes:
     else:
         header = struct.pack("!BBQ", 0x81, 127, length)
     return header + payload
+
+
+class Sink(Protocol):
+    """Where an outbox writes whole frames (hub.connection.Outbox): :class:`FrameSink` for a
+    uvicorn WebSocket; any transport with flow control fits."""
+
+    def ready(self) -> bool: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def write(self, frame: bytes) -> None: ...
+
+    async def wait_ready(self) -> None: ...
 
 
 class FrameSink:
@@ -83,7 +97,7 @@ class FrameSink:
         await self._protocol.writable.wait()
 
 
-async def write_queued(sink: FrameSink, outbox: deque[Any]) -> None:
+async def write_queued(sink: Sink, outbox: deque[Any]) -> None:
     """Write queued frames (bytes) in order as the transport takes them, waiting out its
     backpressure; drop them if the connection is gone. Frames stay queued until written,
     so a direct write (which requires an empty queue) can never overtake one."""

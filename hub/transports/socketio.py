@@ -192,7 +192,8 @@ class SocketIOConnection(Subscriber):
 
     @property
     def sink(self) -> FrameSink | None:
-        return self.outbox.sink
+        sink = self.outbox.sink
+        return sink if isinstance(sink, FrameSink) else None
 
     def close_after_error(self) -> None:
         """A send to it failed (see Dispatcher._deliver): close it."""
