@@ -204,9 +204,13 @@ class Outbox:
         return True
 
     async def wait_drained(self) -> None:
-        """Until nothing is queued (or the connection is gone)."""
+        """Until nothing is queued (or the connection is gone): until the writer is done,
+        except that a switch-over with nothing of ours queued has nothing to wait for (it
+        may wait on engine.io's queue for long)."""
         writer = self.writer
         while writer is not None and not writer.done():
+            if self.path is Path.SWITCHING and not self._queue:
+                return
             await asyncio.wait((writer,))
             writer = self.writer
 

@@ -345,3 +345,17 @@ async def test_expiry_fires_at_the_tokens_expiry_plus_leeway() -> None:
     await asyncio.wait_for(fired.wait(), 10)
     forever = principal(None)
     assert schedule_expiry(forever, 0.0, fired.set) is None
+
+
+async def test_a_switch_over_with_nothing_queued_is_drained_already(pair: Pair) -> None:
+    outbox = Outbox(10, path=Path.QUEUED)
+    never = asyncio.Event()
+    outbox.switch_over(pair.sink, never.wait)  # engine.io's queue is slow to go out
+    await asyncio.wait_for(outbox.wait_drained(), 10)  # nothing of ours waits
+    outbox.put(frame(0), bounded=True)
+    waiting = asyncio.create_task(outbox.wait_drained())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    never.set()
+    await asyncio.wait_for(waiting, 10)
+    assert await read_frames(pair, 1) == [frame(0)]

@@ -69,8 +69,9 @@ class PlainConnection(Subscriber):
         self.connection_id = f"ws_{next(_ids)}_{secrets.token_hex(4)}"
         # With a sink, frames go straight to the transport (shared, pre-encoded bytes) and
         # the outbox holds frames; without one, it holds texts for ASGI sends.
-        self.outbox = _PlainOutbox(outbox_limit, frame_sink(websocket.scope),
-                                   send=websocket.send_text)
+        sink = frame_sink(websocket.scope)
+        self.outbox = _PlainOutbox(outbox_limit, sink,
+                                   send=websocket.send_text if sink is None else None)
         self._on_slow = on_slow
         self._on_abort = on_abort
         self.resume_task: asyncio.Task[Any] | None = None
