@@ -191,7 +191,7 @@ class HubApp(Starlette):
         await super().__call__(scope, receive, send)
 
     async def _refuse_origin(self, scope: Scope, send: Send) -> None:
-        self.hub.metrics.auth_failures.labels("origin_not_allowed").inc()
+        self.hub.metrics.auth_failures.labels(ErrorCode.ORIGIN_NOT_ALLOWED).inc()
         if scope["type"] == "websocket":
             # A close before accept: the handshake is answered 403.
             await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})

@@ -79,7 +79,7 @@ class HttpApi:
             return error_response(401, exc.code, exc.message,
                                   headers={"WWW-Authenticate": "Bearer"})
         if not principal.can_publish:
-            hub.metrics.auth_failures.labels("forbidden").inc()
+            hub.metrics.auth_failures.labels(ErrorCode.FORBIDDEN).inc()
             return error_response(403, ErrorCode.FORBIDDEN, "this token's role may not publish")
         idempotency_key = request.headers.get("idempotency-key")
         scoped = None

@@ -146,7 +146,7 @@ class Dispatcher:
                 strict=self._legacy_strict)
             timestamp = parse_timestamp(envelope.get("timestamp")) or now_timestamp()
         except (orjson.JSONDecodeError, EventError) as exc:
-            code = getattr(exc, "code", "invalid_json")
+            code = getattr(exc, "code", ErrorCode.INVALID_JSON)
             self._legacy_log.warning(
                 code, "skipping an envelope on the legacy channel (%s): %s", code, exc)
             return None

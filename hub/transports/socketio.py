@@ -496,7 +496,7 @@ class SocketIOTransport:
             hub.refusals.refuse("Socket.IO", client[0] if client else None, exc.code,
                                 early_answer=False)
             raise socketio.exceptions.ConnectionRefusedError(
-                "unauthorized",
+                ErrorCode.UNAUTHORIZED,
                 {"code": CloseCode.UNAUTHORIZED, "reason": exc.code, "message": exc.message}
             ) from None
         types = None

@@ -180,7 +180,8 @@ class PlainTransport:
                 user: str | None = hub.verifier.verify(token_from_headers(headers)).user_id
             except AuthError:
                 user = None
-            await self._refuse(websocket, "origin_not_allowed", "origin not allowed", user)
+            await self._refuse(websocket, ErrorCode.ORIGIN_NOT_ALLOWED, "origin not allowed",
+                               user)
             return
         try:
             principal = hub.verifier.verify(token_from_headers(headers))
