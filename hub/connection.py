@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hub.auth import Principal
+from hub.errors import ProtocolError
 from hub.events import Event
 from hub.transports.frames import Sink, write_queued
 
@@ -398,6 +399,10 @@ class Subscriber(abc.ABC):
         if self._first_hold is not None:
             self._first_hold.cancel()
             self._first_hold = None
+
+    def send_error(self, exc: ProtocolError) -> None:
+        """Tell the client what was wrong (the connection stays open)."""
+        self.send_control("error", {"code": exc.code, "message": exc.message})
 
     def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
         """Tell the client that events after ``last_event_id`` are no longer retained."""

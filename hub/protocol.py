@@ -13,7 +13,7 @@ import orjson
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import now_timestamp
 
-__all__ = ["Action", "ClientMessage", "CloseCode", "error_message", "parse_client_message",
+__all__ = ["Action", "ClientMessage", "CloseCode", "parse_client_message",
            "server_message"]
 
 
@@ -57,6 +57,3 @@ def server_message(type_: str, data: dict[str, Any] | None = None) -> str:
     """A control message in the envelope's shape: ``{"type", "timestamp", "data"}``."""
     return orjson.dumps({"type": type_, "timestamp": now_timestamp(), "data": data or {}}).decode()
 
-
-def error_message(exc: ProtocolError) -> str:
-    return server_message("error", {"code": exc.code, "message": exc.message})

@@ -136,7 +136,7 @@ class SocketIOConnection(Subscriber):
             return
         self._put(event_frame(event), bounded=not replay)
 
-    def emit_now(self, name: str, data: Any) -> None:
+    def send_control(self, name: str, data: dict[str, Any]) -> None:
         """Send a hub-originated Socket.IO event (``resumed``, ``history_truncated``…) in
         order with the events around it."""
         text = "2" + orjson.dumps([name, data]).decode()
@@ -144,9 +144,6 @@ class SocketIOConnection(Subscriber):
             self._queue(eio_packet.Packet(eio_packet.MESSAGE, text))
             return
         self._put(text_frame(("4" + text).encode()), bounded=False)
-
-    def send_control(self, name: str, data: dict[str, Any]) -> None:
-        self.emit_now(name, data)
 
     def _queue(self, pkt: eio_packet.Packet, bounded: bool = False) -> None:
         """Through engine.io's queue; only live events count against the limit."""
@@ -456,7 +453,7 @@ class SocketIOTransport:
             if not conn.kicked:
                 log.warning("disconnecting Socket.IO client %s (user %s): message rate limit "
                             "exceeded", conn.sid, conn.principal.user_id)
-                conn.emit_now("error", {"code": ErrorCode.RATE_LIMITED,
+                conn.send_control("error", {"code": ErrorCode.RATE_LIMITED,
                                         "message": "message rate limit exceeded"})
                 self._kick(conn)
         else:
@@ -527,7 +524,7 @@ class SocketIOTransport:
         self._by_eio[eio_sid] = conn
         self.hub.metrics.connections.labels(conn.transport).inc()
         self.hub.dispatcher.add(conn, types)
-        conn.emit_now("connection_established", {
+        conn.send_control("connection_established", {
             "user_id": principal.user_id, "connection_id": sid,
             "instance_id": self.hub.settings.instance_id,
             "event_types": self.hub.dispatcher.subscribed_to(conn),
@@ -560,7 +557,8 @@ class SocketIOTransport:
         self.hub.metrics.connections.labels(conn.transport).dec()
 
     def _expire(self, conn: SocketIOConnection) -> None:
-        conn.emit_now("token_expired", {"code": CloseCode.UNAUTHORIZED, "message": "token expired"})
+        conn.send_control("token_expired", {"code": CloseCode.UNAUTHORIZED,
+                                            "message": "token expired"})
         self._kick(conn)
 
     def kick_failed(self, conn: SocketIOConnection) -> None:
@@ -652,9 +650,9 @@ class SocketIOTransport:
             info = await self._resume(conn, last_event_id)
         except ProtocolError as exc:
             conn.end_replay()
-            conn.emit_now("error", {"code": exc.code, "message": exc.message})
+            conn.send_error(exc)
             return
-        conn.emit_now("resumed", info)
+        conn.send_control("resumed", info)
 
     async def shutdown(self) -> None:
         """Let queued events go out, then close each Engine.IO transport.

@@ -1,9 +1,10 @@
 """``/ws/events``: the spec's plain WebSocket protocol.
 
-A broadcast never awaits a client: each event's frame goes straight to the connection's
-transport when nothing is queued ahead of it (hub.transports.frames), else into a bounded
-outbox that one writer task drains while the client pushes back. A client whose outbox
-fills up is closed with 4008 instead of growing the server's memory.
+Only the wire format lives here (JSON texts, close codes, the client's messages); the
+outbox, its writer, close-after-flush, expiry and the replay hold-back are the connection
+core's (hub.connection). A broadcast never awaits a client: each event's frame goes
+straight to the connection's transport when nothing is queued ahead of it, else into the
+bounded outbox. A client whose outbox fills up is closed with 4008.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from hub.connection import (
 from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
 from hub.limits import TokenBucket
-from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
+from hub.protocol import Action, ClientMessage, CloseCode, parse_client_message
 from hub.protocol import server_message as control
 from hub.refusals import Answer
 from hub.transports.frames import frame_sink, text_frame
@@ -108,10 +109,8 @@ class PlainConnection(Subscriber):
         self._put(event_frame(event) if direct else event.text, bounded=not replay)
 
     def send_control(self, name: str, data: dict[str, Any]) -> None:
-        self.enqueue(control(name, data))
-
-    def enqueue(self, text: str) -> None:
-        """Queue a control message (a reply to the client, bounded by its message rate)."""
+        """A hub message (a reply to the client, bounded by its message rate)."""
+        text = control(name, data)
         direct = self.outbox.path is Path.DIRECT
         self._put(text_frame(text.encode()) if direct else text, bounded=False)
 
@@ -146,11 +145,11 @@ def _resumed(conn: PlainConnection, task: asyncio.Task[Any]) -> None:
         return
     exc = task.exception()
     if isinstance(exc, ProtocolError):
-        conn.enqueue(error_message(exc))
+        conn.send_error(exc)
     elif exc is not None:
         log.error("resume failed on %s", conn.connection_id, exc_info=exc)
-        conn.enqueue(error_message(ProtocolError("the resume failed; live events continue",
-                                                 code=ErrorCode.HISTORY_UNAVAILABLE)))
+        conn.send_error(ProtocolError("the resume failed; live events continue",
+                                      code=ErrorCode.HISTORY_UNAVAILABLE))
     else:
         conn.send_control("resumed", task.result().message())
 
@@ -223,12 +222,12 @@ class PlainTransport:
         hub.metrics.connections.labels(conn.transport).inc()
         hub.metrics.frame_path.labels(conn.transport, conn.frame_path).inc()
         hub.dispatcher.add(conn)
-        conn.enqueue(control("connection_established", {
+        conn.send_control("connection_established", {
             "user_id": principal.user_id,
             "connection_id": conn.connection_id,
             "instance_id": hub.settings.instance_id,
             "event_types": hub.dispatcher.subscribed_to(conn),
-        }))
+        })
         expiry = schedule_expiry(principal, hub.verifier.leeway, lambda: conn.abort(
             CloseCode.UNAUTHORIZED, "token expired"))
         try:
@@ -237,7 +236,7 @@ class PlainTransport:
                 try:
                     self._resume(conn, last_event_id)
                 except ProtocolError as exc:
-                    conn.enqueue(error_message(exc))
+                    conn.send_error(exc)
             else:
                 # Until its first message: it may be a subscribe that resumes.
                 conn.hold_for_first_message(hub.settings.resume_hold_s)
@@ -278,8 +277,8 @@ class PlainTransport:
                 try:
                     text = data.decode()
                 except UnicodeDecodeError:
-                    conn.enqueue(error_message(ProtocolError(
-                        "binary frames must hold UTF-8 JSON", code=ErrorCode.INVALID_JSON)))
+                    conn.send_error(ProtocolError(
+                        "binary frames must hold UTF-8 JSON", code=ErrorCode.INVALID_JSON))
                     continue
             if len(text) > settings.max_message_bytes:
                 conn.abort(CloseCode.MESSAGE_TOO_BIG, "message too big")
@@ -290,21 +289,21 @@ class PlainTransport:
             try:
                 await self._handle(conn, parse_client_message(text))
             except ProtocolError as exc:
-                conn.enqueue(error_message(exc))
+                conn.send_error(exc)
             finally:
                 conn.first_message_seen()
 
     async def _handle(self, conn: PlainConnection, message: ClientMessage) -> None:
         dispatcher = self.hub.dispatcher
         if message.action is Action.PING:
-            conn.enqueue(control("pong"))
+            conn.send_control("pong", {})
             return
         types = dispatcher.check_types(message.event_types)
         if message.action is Action.SUBSCRIBE:
             dispatcher.subscribe(conn, types)
         else:
             dispatcher.unsubscribe(conn, types)
-        conn.enqueue(control("subscription_updated", dispatcher.subscription_reply(conn, types)))
+        conn.send_control("subscription_updated", dispatcher.subscription_reply(conn, types))
         if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
             self._resume(conn, message.last_event_id)
 
