@@ -71,6 +71,11 @@ class Path(enum.Enum):
     DIRECT = "direct"  # pre-encoded frames straight to the transport
 
 
+# The states the hot path compares against, bound once (constants, not state).
+_OPEN = ConnState.OPEN
+_DIRECT = Path.DIRECT
+
+
 class Outbox:
     """A connection's frames on their way out: bounded, lazy, one writer.
 
@@ -120,14 +125,14 @@ class Outbox:
     def put(self, item: Any, bounded: bool) -> bool:
         """Send or queue one frame (for Path.ASGI, one item for ``send``). False: a
         ``bounded`` one found the outbox full (nothing was queued)."""
-        if self.state is not ConnState.OPEN:
+        if self.state is not _OPEN:
             return True
-        sink = self._sink
-        if (self.path is Path.DIRECT and not self._queue and sink is not None
-                and sink.ready()):
-            # Nothing queued ahead of it and no backpressure: out now, no task switch.
-            sink.write(item)
-            return True
+        if self.path is _DIRECT and not self._queue:
+            sink = self._sink
+            if sink is not None and sink.ready():
+                # Nothing queued ahead of it and no backpressure: out now, no task switch.
+                sink.write(item)
+                return True
         if bounded and self.queued >= self.limit:
             return False
         if self._queue is None:

@@ -37,6 +37,7 @@ from hub.transports.frames import FrameSink, frame_sink, text_frame
 from hub.transports.sio_manager import queue_eio_packet
 
 log = logging.getLogger("hub.socketio")
+_QUEUED = Path.QUEUED
 NAMESPACE = "/"
 SINK_KEY = "hub.sink"  # the FrameSink of a WebSocket request, left in its ASGI scope
 UNSUPPORTED_VERSION = (
@@ -61,8 +62,13 @@ def event_packet(event: Event) -> eio_packet.Packet:
 
 def event_frame(event: Event) -> bytes:
     """The Engine.IO message carrying :func:`event_text` as a WebSocket frame."""
-    frame: bytes = event.encoded("sio_frame", _encode_frame)
-    return frame
+    wire = event.wire
+    if wire is not None:  # the fan-out's hot path: one lookup
+        frame: bytes | None = wire.get("sio_frame")
+        if frame is not None:
+            return frame
+    built: bytes = event.encoded("sio_frame", _encode_frame)
+    return built
 
 
 def _encode_text(event: Event) -> str:
@@ -130,11 +136,13 @@ class SocketIOConnection(Subscriber):
 
     # -- sending ------------------------------------------------------------------------
     def _send(self, event: Event, replay: bool = False) -> None:
-        if self.outbox.path is Path.QUEUED and not self._try_attach():
+        outbox = self.outbox
+        if outbox.path is _QUEUED and not self._try_attach():
             # One packet object per event per instance, shared by all its recipients.
             self._queue(event_packet(event), bounded=not replay)
             return
-        self._put(event_frame(event), bounded=not replay)
+        if not outbox.put(event_frame(event), not replay):
+            self._transport.kick_slow(self)
 
     def send_control(self, name: str, data: dict[str, Any]) -> None:
         """Send a hub-originated Socket.IO event (``resumed``, ``history_truncated``…) in

@@ -39,6 +39,7 @@ from hub.refusals import Answer
 from hub.transports.frames import frame_sink, text_frame
 
 log = logging.getLogger("hub.websocket")
+_DIRECT = Path.DIRECT
 _ids = itertools.count(1)
 
 
@@ -49,8 +50,13 @@ class _PlainOutbox(Outbox):
 
 def event_frame(event: Event) -> bytes:
     """The event's text frame for ``/ws/events``, built once per event."""
-    frame: bytes = event.encoded("ws", _encode_frame)
-    return frame
+    wire = event.wire
+    if wire is not None:  # the fan-out's hot path: one lookup
+        frame: bytes | None = wire.get("ws")
+        if frame is not None:
+            return frame
+    built: bytes = event.encoded("ws", _encode_frame)
+    return built
 
 
 def _encode_frame(event: Event) -> bytes:
@@ -105,8 +111,10 @@ class PlainConnection(Subscriber):
         return self.outbox.state is not ConnState.OPEN or super().closed
 
     def _send(self, event: Event, replay: bool = False) -> None:
-        direct = self.outbox.path is Path.DIRECT
-        self._put(event_frame(event) if direct else event.text, bounded=not replay)
+        outbox = self.outbox
+        item = event_frame(event) if outbox.path is _DIRECT else event.text
+        if not outbox.put(item, not replay):
+            self._overflowed()
 
     def send_control(self, name: str, data: dict[str, Any]) -> None:
         """A hub message (a reply to the client, bounded by its message rate)."""
@@ -118,8 +126,11 @@ class PlainConnection(Subscriber):
         """Only live events are ``bounded`` by the outbox limit: replies are bounded by the
         client's message rate, replays by the history size."""
         if not self.outbox.put(item, bounded):
-            self._on_slow(self)
-            self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
+            self._overflowed()
+
+    def _overflowed(self) -> None:
+        self._on_slow(self)
+        self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
 
     # -- closing ------------------------------------------------------------------------
     def close_after_flush(self, code: int, reason: str) -> None:
