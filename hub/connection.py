@@ -114,6 +114,11 @@ class Outbox:
         return len(self._queue) if self._queue is not None else 0
 
     @property
+    def open(self) -> bool:
+        """It takes frames (not draining, not closed)."""
+        return self.state is _OPEN
+
+    @property
     def closing_after_flush(self) -> bool:
         """A close after the flush was asked for (its writer must not be cancelled)."""
         return self._closer is not None

@@ -228,9 +228,11 @@ class Event:
         wire = self.wire
         if wire is None:
             wire = self.wire = {}
-        value = wire.get(kind)
-        if value is None:
-            value = wire[kind] = encode(self)
+        else:  # the fan-out's hot path: one lookup
+            value = wire.get(kind)
+            if value is not None:
+                return value
+        value = wire[kind] = encode(self)
         return value
 
     def body(self) -> bytes:

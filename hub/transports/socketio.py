@@ -22,7 +22,6 @@ from engineio import packet as eio_packet
 from hub._compat import engineio as eio_compat
 from hub.auth import AuthError, Principal, token_from_headers
 from hub.connection import (
-    ConnState,
     Outbox,
     Path,
     Services,
@@ -62,13 +61,8 @@ def event_packet(event: Event) -> eio_packet.Packet:
 
 def event_frame(event: Event) -> bytes:
     """The Engine.IO message carrying :func:`event_text` as a WebSocket frame."""
-    wire = event.wire
-    if wire is not None:  # the fan-out's hot path: one lookup
-        frame: bytes | None = wire.get("sio_frame")
-        if frame is not None:
-            return frame
-    built: bytes = event.encoded("sio_frame", _encode_frame)
-    return built
+    frame: bytes = event.encoded("sio_frame", _encode_frame)
+    return frame
 
 
 def _encode_text(event: Event) -> str:
@@ -111,7 +105,7 @@ class SocketIOConnection(Subscriber):
     @property
     def kicked(self) -> bool:
         """Being disconnected by the server: it takes nothing more."""
-        return self.outbox.state is not ConnState.OPEN
+        return not self.outbox.open
 
     # -- room for a replay (hub.connection.Subscriber) -----------------------------------
     def replay_room(self) -> int:

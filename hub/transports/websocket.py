@@ -22,7 +22,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from hub.auth import AuthError, Principal, token_from_headers
 from hub.connection import (
-    ConnState,
     Outbox,
     Path,
     Services,
@@ -50,13 +49,8 @@ class _PlainOutbox(Outbox):
 
 def event_frame(event: Event) -> bytes:
     """The event's text frame for ``/ws/events``, built once per event."""
-    wire = event.wire
-    if wire is not None:  # the fan-out's hot path: one lookup
-        frame: bytes | None = wire.get("ws")
-        if frame is not None:
-            return frame
-    built: bytes = event.encoded("ws", _encode_frame)
-    return built
+    frame: bytes = event.encoded("ws", _encode_frame)
+    return frame
 
 
 def _encode_frame(event: Event) -> bytes:
@@ -108,7 +102,7 @@ class PlainConnection(Subscriber):
     @property
     def closed(self) -> bool:
         # Closing after a flush (shutdown) takes nothing more: a replay stops there.
-        return self.outbox.state is not ConnState.OPEN or super().closed
+        return not self.outbox.open or super().closed
 
     def _send(self, event: Event, replay: bool = False) -> None:
         outbox = self.outbox
