@@ -1,4 +1,5 @@
 """``create_app()``: builds one hub instance — dispatcher, transports, routes, lifespan.
+Wiring only: the HTTP handlers are in hub.http, the transports in hub.transports.
 
 All state lives on the :class:`Hub` the factory creates; nothing is module-global, so two
 instances run side by side in one process (the tests do).
@@ -17,25 +18,24 @@ from typing import Any
 import orjson
 from redis import asyncio as aioredis
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from hub import __version__
-from hub.auth import AuthError, OriginPolicy, TokenVerifier, strip_bearer
+from hub._version import __version__
+from hub.auth import OriginPolicy, TokenVerifier
 from hub.config import Settings
 from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
+from hub.errors import BackendUnavailable, CloseCode, ErrorCode
 from hub.events import SYSTEM_STATUS, Event, EventTypes
-from hub.exceptions import BackendUnavailable, EventError
-from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
+from hub.http import HttpApi, SecurityHeaders, dashboard_redirect
+from hub.idempotency import IdempotencyKeys
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
-from hub.openapi import openapi_document
 from hub.refusals import RefusalTracker
-from hub.transports.frames import SEND_KEY, coalesced_writes
+from hub.transports.frames import COALESCER_KEY, SEND_KEY, WriteCoalescer
+from hub.transports.sio_manager import close_manager, manager_for
 from hub.transports.socketio import SocketIOTransport
 from hub.transports.websocket import PlainTransport
 
@@ -56,11 +56,12 @@ class Hub:
         self.types = EventTypes(settings.extra_event_types,
                                 open_types=not settings.legacy_strict,
                                 max_types=settings.max_event_types)
+        self.coalescer = WriteCoalescer()
         self.dispatcher = Dispatcher(
             self._backend(settings, redis), self.types, self.metrics,
             max_data_bytes=settings.max_data_bytes,
             max_subscribe_types=settings.max_subscribe_types,
-            batch=coalesced_writes,
+            batch=self.coalescer.coalesced,
             legacy_strict=settings.legacy_strict,
             # Never more than the history retains: a replay from the window must not
             # outlive what a replay from the backend would find.
@@ -70,7 +71,11 @@ class Hub:
         self.idempotency = IdempotencyKeys(getattr(backend, "redis", None),
                                            settings.stream_key + ":idem:")
         self.websocket = PlainTransport(self)
-        self.socketio = SocketIOTransport(self, self.dispatcher.backend.socketio_manager())
+        # python-socketio's manager, on the backend's Redis client when it has one.
+        self.sio_manager = manager_for(getattr(backend, "redis", None),
+                                       settings.socketio_channel)
+        self.socketio = SocketIOTransport(self, self.sio_manager)
+        self.http = HttpApi(self)
         self.started_at: float | None = None
         self._drained = False
 
@@ -84,7 +89,7 @@ class Hub:
             settings.redis_url or "", settings.redis_max_connections)
         return RedisBackend(
             client, owns_client=owns, stream_key=settings.stream_key,
-            history_size=settings.history_size, socketio_channel=settings.socketio_channel,
+            history_size=settings.history_size,
             legacy_channel=settings.legacy_channel,
             legacy_parser=self._parse_legacy,
             instance_id=settings.instance_id,
@@ -141,6 +146,7 @@ class Hub:
         backend_drain = getattr(self.dispatcher.backend, "drain", None)
         if backend_drain is not None:
             await backend_drain(self.settings.shutdown_timeout_s)
+        await close_manager(self.sio_manager)
         await self.dispatcher.stop()
 
     async def _announce(self, status: str, message: str) -> Event | None:
@@ -153,139 +159,9 @@ class Hub:
             log.warning("could not announce %s: %s", status, exc)
             return None
 
-    # -- HTTP endpoints -----------------------------------------------------------------
-    async def health(self, request: Request) -> JSONResponse:
-        backend = self.dispatcher.backend
-        ws = len(self.websocket.connections)
-        sio = len(self.socketio.connections)
-        problems = backend.problems()
-        if self.started_at is None:
-            status, code = "unhealthy", 503
-        elif not problems:
-            status, code = "healthy", 200
-        else:
-            status, code = "degraded", 200
-        return JSONResponse({
-            "status": status,
-            "reasons": problems,
-            "active_connections": ws + sio,
-            "redis_connected": backend.name == "redis" and backend.subscribed,
-            "backend": backend.name,
-            "instance_id": self.settings.instance_id,
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
-            "connections": {"websocket": ws, "socketio": sio},
-        }, status_code=code)
-
-    async def publish_endpoint(self, request: Request) -> JSONResponse:
-        authorization = request.headers.get("authorization", "")
-        try:
-            if authorization[:7].lower() != "bearer ":
-                # Cookies are not accepted here: a cookie-authenticated POST is open to CSRF.
-                raise AuthError("a bearer token is required", code="missing_token")
-            principal = self.verifier.verify(strip_bearer(authorization))
-        except AuthError as exc:
-            self.metrics.auth_failures.labels(exc.code).inc()
-            return _error(401, exc.code, exc.message, headers={"WWW-Authenticate": "Bearer"})
-        if not principal.can_publish:
-            self.metrics.auth_failures.labels("forbidden").inc()
-            return _error(403, "forbidden", "this token's role may not publish")
-        idempotency_key = request.headers.get("idempotency-key")
-        scoped = None
-        if idempotency_key is not None:
-            if not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
-                return _error(400, "invalid_idempotency_key",
-                              f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
-            scoped = self.idempotency.scoped(principal.user_id, idempotency_key)
-            earlier = await self.idempotency.recall(scoped)
-            if earlier is not None:  # a retry of a request that was answered: same reply
-                return JSONResponse({**earlier, "duplicate": True}, status_code=202)
-        limit = self.settings.max_data_bytes + 4096  # data plus the envelope around it
-        body = bytearray()
-        async for chunk in request.stream():  # stop reading at the limit, not after it
-            body += chunk
-            if len(body) > limit:
-                return _error(413, "event_too_large", "request body too large")
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return _error(400, "invalid_json", "body is not valid JSON")
-        if not isinstance(payload, dict):
-            return _error(422, "invalid_event", "body must be a JSON object", field="")
-        try:
-            event = await self.dispatcher.publish(payload.get("type"), payload.get("data"))
-        except EventError as exc:
-            return _error(422, exc.code, exc.message, field=exc.field, fields=exc.fields)
-        except BackendUnavailable as exc:
-            return _error(503, exc.code, "the event backend is unavailable; retry later",
-                          headers={"Retry-After": "1"})
-        # durable: in Redis, shared with every instance. False: accepted into this
-        # instance's fsynced outage journal and delivered here; shared when Redis returns.
-        reply = {"id": event.id, "type": event.type, "timestamp": event.timestamp,
-                 "durable": event.shared}
-        if scoped is not None:
-            await self.idempotency.remember(scoped, reply)
-        return JSONResponse(reply, status_code=202)
-
-    async def metrics_endpoint(self, request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    async def openapi_endpoint(self, request: Request) -> JSONResponse:
-        return JSONResponse(openapi_document(__version__, self.types.publishable))
-
-
-# The dashboard runs only its own bundled script and stylesheet and talks only to the hub
-# it came from: no inline script or style, no eval, no framing by another site.
-DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
-                 "img-src 'self' data:; connect-src 'self'; font-src 'self'; "
-                 "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-DASHBOARD_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"content-security-policy", DASHBOARD_CSP.encode()),
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cross-origin-opener-policy", b"same-origin"),
-)
-
-
-class SecurityHeaders:
-    """Adds :data:`DASHBOARD_HEADERS` to every response of the wrapped ASGI app."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message,
-                           "headers": [*message.get("headers", ()), *DASHBOARD_HEADERS]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-async def _dashboard_redirect(request: Request) -> Response:
-    # A path, never an absolute URL built from the client's Host header (an open
-    # redirect / cache-poisoning lever); the root path keeps it right when mounted.
-    location = request.scope.get("root_path", "") + "/dashboard/"
-    return Response(status_code=307, headers={"location": location,
-                                              **{k.decode(): v.decode()
-                                                 for k, v in DASHBOARD_HEADERS}})
-
-
-def _error(status: int, code: str, message: str, *, field: str | None = None,
-           fields: tuple[str, ...] = (), headers: dict[str, str] | None = None) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        error["field"] = field  # the first; "fields" lists every field at fault
-        error["fields"] = list(fields or (field,))
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
+    def connection_counts(self) -> dict[str, int]:
+        return {"websocket": len(self.websocket.connections),
+                "socketio": len(self.socketio.connections)}
 
 
 class HubApp(Starlette):
@@ -305,6 +181,7 @@ class HubApp(Starlette):
             # Before any middleware wraps it: the server's own send, for direct frame
             # writes (hub.transports.frames).
             scope[SEND_KEY] = send
+            scope[COALESCER_KEY] = self.hub.coalescer
             path, root = scope["path"], scope.get("root_path", "")
             if (path[len(root):] if path.startswith(root) else path) == "/ws/events":
                 # Straight to the endpoint: routing and exception middleware would stay on
@@ -314,12 +191,12 @@ class HubApp(Starlette):
         await super().__call__(scope, receive, send)
 
     async def _refuse_origin(self, scope: Scope, send: Send) -> None:
-        self.hub.metrics.auth_failures.labels("origin_not_allowed").inc()
+        self.hub.metrics.auth_failures.labels(ErrorCode.ORIGIN_NOT_ALLOWED).inc()
         if scope["type"] == "websocket":
             # A close before accept: the handshake is answered 403.
-            await send({"type": "websocket.close", "code": 4003})
+            await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
             return
-        body = orjson.dumps({"error": {"code": "origin_not_allowed",
+        body = orjson.dumps({"error": {"code": ErrorCode.ORIGIN_NOT_ALLOWED,
                                        "message": "origin not allowed"}})
         await send({"type": "http.response.start", "status": 403,
                     "headers": [(b"content-type", b"application/json"),
@@ -348,15 +225,15 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
     hub = Hub(settings, redis)
     routes = [
         WebSocketRoute("/ws/events", hub.websocket.endpoint),
-        Route("/ws/health", hub.health, methods=["GET"]),
-        Route("/events", hub.publish_endpoint, methods=["POST"]),
-        Route("/metrics", hub.metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", hub.openapi_endpoint, methods=["GET"]),
+        Route("/ws/health", hub.http.health, methods=["GET"]),
+        Route("/events", hub.http.publish, methods=["POST"]),
+        Route("/metrics", hub.http.metrics, methods=["GET"]),
+        Route("/openapi.json", hub.http.openapi, methods=["GET"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),
     ]
     static = resources.files("hub") / "static" / "dashboard"
     if static.is_dir():
-        routes.append(Route("/dashboard", _dashboard_redirect, methods=["GET", "HEAD"]))
+        routes.append(Route("/dashboard", dashboard_redirect, methods=["GET", "HEAD"]))
         routes.append(Mount("/dashboard", app=SecurityHeaders(
             StaticFiles(directory=str(static), html=True))))
     app = HubApp(routes=routes, lifespan=lambda _app: _lifespan(hub))

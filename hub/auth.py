@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 import jwt
 
 from hub.config import Settings
-from hub.exceptions import AuthError
+from hub.errors import AuthError, ErrorCode
 
 __all__ = ["AuthError", "OriginPolicy", "Principal", "TokenVerifier", "issue_token",
            "normalise_origin", "origin_allowed", "strip_bearer", "token_from_cookie",
@@ -102,9 +102,9 @@ class TokenVerifier:
     def verify(self, token: str | None) -> Principal:
         """Return the token's principal or raise :class:`AuthError` whose code is the reason."""
         if not token:
-            raise AuthError("no token", code="missing_token")
+            raise AuthError("no token", code=ErrorCode.MISSING_TOKEN)
         if len(token) > MAX_TOKEN_BYTES:
-            raise AuthError("token too large", code="malformed_token")
+            raise AuthError("token too large", code=ErrorCode.MALFORMED_TOKEN)
         # PyJWT's own time checks are off: it accepts numeric strings (then never enforced
         # here) and overflows on 1e400; _check_times() is strict about them.
         options: Any = {
@@ -122,25 +122,27 @@ class TokenVerifier:
                 options=options,
             )
         except (jwt.InvalidIssuerError, jwt.InvalidAudienceError):
-            raise AuthError("token issuer or audience not accepted", code="wrong_claims") from None
+            raise AuthError("token issuer or audience not accepted",
+                            code=ErrorCode.WRONG_CLAIMS) from None
         except jwt.InvalidSignatureError:
-            raise AuthError("bad token signature", code="bad_signature") from None
+            raise AuthError("bad token signature", code=ErrorCode.BAD_SIGNATURE) from None
         except jwt.InvalidAlgorithmError:
-            raise AuthError("token algorithm not allowed", code="bad_algorithm") from None
+            raise AuthError("token algorithm not allowed", code=ErrorCode.BAD_ALGORITHM) from None
         except jwt.InvalidKeyError:
             # e.g. an ES256 header against an RSA key: the key cannot verify that algorithm.
-            raise AuthError("token algorithm does not match the key", code="bad_algorithm"
+            raise AuthError("token algorithm does not match the key", code=ErrorCode.BAD_ALGORITHM
                             ) from None
         except jwt.MissingRequiredClaimError as exc:
-            raise AuthError(f"token lacks the {exc.claim!r} claim", code="wrong_claims") from None
+            raise AuthError(f"token lacks the {exc.claim!r} claim",
+                            code=ErrorCode.WRONG_CLAIMS) from None
         except jwt.PyJWTError:
             # Every other PyJWT error (DecodeError, InvalidTokenError and its kin).
-            raise AuthError("malformed token", code="malformed_token") from None
+            raise AuthError("malformed token", code=ErrorCode.MALFORMED_TOKEN) from None
         except (ValueError, TypeError, OverflowError):
             # A key or signature the crypto backend chokes on: still just a bad token.
-            raise AuthError("malformed token", code="malformed_token") from None
+            raise AuthError("malformed token", code=ErrorCode.MALFORMED_TOKEN) from None
         if not isinstance(claims, dict):
-            raise AuthError("malformed token", code="malformed_token")
+            raise AuthError("malformed token", code=ErrorCode.MALFORMED_TOKEN)
         self._check_times(claims)
         return self._principal(claims)
 
@@ -154,19 +156,19 @@ class TokenVerifier:
                     or not (isinstance(value, int) or math.isfinite(value))
                     or not 0 <= value <= MAX_TIMESTAMP):
                 raise AuthError(f"token's {name!r} claim is not a valid NumericDate",
-                                code="wrong_claims")
+                                code=ErrorCode.WRONG_CLAIMS)
             times[name] = float(value)
         now, leeway = time.time(), self._leeway
         exp, nbf, iat = times.get("exp"), times.get("nbf"), times.get("iat")
         if exp is not None and now > exp + leeway:
-            raise AuthError("token expired", code="token_expired")
+            raise AuthError("token expired", code=ErrorCode.TOKEN_EXPIRED)
         if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
-            raise AuthError("token not yet valid", code="token_not_yet_valid")
+            raise AuthError("token not yet valid", code=ErrorCode.TOKEN_NOT_YET_VALID)
         if exp is not None:
             lifetime = exp - min(iat if iat is not None else now, now)
             if lifetime > self._max_lifetime + leeway:
                 raise AuthError("token lifetime exceeds HUB_MAX_TOKEN_LIFETIME_S",
-                                code="wrong_claims")
+                                code=ErrorCode.WRONG_CLAIMS)
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         roles = _roles(claims.get(self._role_claim)) | _roles(claims.get("roles"))
@@ -203,7 +205,7 @@ def issue_token(
     """Sign a token the hub accepts (``hub token``). HS* uses JWT_SECRET; RS/ES needs a key."""
     if not 0 < ttl_s <= settings.max_token_lifetime_s:
         raise AuthError(f"the token lifetime must be between 1 s and HUB_MAX_TOKEN_LIFETIME_S "
-                        f"({int(settings.max_token_lifetime_s)} s)", code="bad_lifetime")
+                        f"({int(settings.max_token_lifetime_s)} s)", code=ErrorCode.BAD_LIFETIME)
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl_s)}
     if role:
@@ -220,7 +222,7 @@ def issue_token(
         return jwt.encode(claims, settings.jwt_secret, algorithm=algorithm)
     if not private_key:
         raise AuthError("signing needs JWT_SECRET, or --private-key with JWT_PUBLIC_KEY",
-                        code="no_signing_key")
+                        code=ErrorCode.NO_SIGNING_KEY)
     return jwt.encode(claims, private_key, algorithm=algorithm)
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from hub.config import Settings
-from hub.exceptions import HubError
+from hub.errors import HubError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -108,10 +108,15 @@ def _serve(args: argparse.Namespace) -> None:
     check_bind(args.host, args.port)
     if args.dev:
         _print_dev_banner(settings, args.host, args.port, dev_secret)
+    if args.workers > 1:
+        from hub.workers import run_workers
+
+        run_workers(settings, host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level)
+        return
     from hub.server import run
 
-    run(settings, host=args.host, port=args.port, workers=args.workers,
-        log_level=args.log_level)
+    run(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def _check_redis(url: str) -> None:

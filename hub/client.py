@@ -12,7 +12,7 @@ hub restart, a deploy (close 1001) or a slow-consumer disconnect (4008) loses no
 hub still retains and yields nothing twice. A refused token (close 4003) raises
 :class:`AuthenticationFailed` at once: retrying with the same token cannot succeed.
 
-Exceptions (all derive from :class:`~hub.exceptions.HubError`)::
+Exceptions (all derive from :class:`~hub.errors.HubError`)::
 
     ClientError
     ├── AuthenticationFailed   the hub refused the token (close 4003)
@@ -38,43 +38,25 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from hub.backoff import Backoff
+from hub.errors import (
+    AuthenticationFailed,
+    ClientError,
+    CloseCode,
+    ConnectionLost,
+    ErrorCode,
+    SubscriptionRefused,
+)
 from hub.events import Event
-from hub.exceptions import HubError
-from hub.protocol import CloseCode
+
+__all__ = ["AuthenticationFailed", "ClientError", "ConnectionLost", "Notice", "NoticeKind",
+           "SubscriptionRefused", "subscribe"]
 
 log = logging.getLogger("hub.client")
 
 WS_PATH = "/ws/events"
 # Errors from the hub that retrying cannot fix: the subscription itself is wrong.
-_FATAL_ERRORS = frozenset({"unknown_event_type", "invalid_event_types", "too_many_event_types",
-                           "invalid_last_event_id"})
-
-
-class ClientError(HubError):
-    """Root of the errors :func:`subscribe` raises."""
-
-    code = "client_error"
-
-
-class AuthenticationFailed(ClientError):
-    """The hub refused the token (close code 4003): missing, invalid, expired or a foreign
-    Origin. ``reason`` is the hub's close reason."""
-
-    code = "authentication_failed"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"the hub refused the token: {reason or 'unauthorized'}")
-        self.reason = reason
-
-
-class SubscriptionRefused(ClientError):
-    """The hub refused the subscription (``code`` is the hub's error code)."""
-
-
-class ConnectionLost(ClientError):
-    """The hub could not be reached again within ``retry_for`` seconds."""
-
-    code = "connection_lost"
+_FATAL_ERRORS = frozenset({ErrorCode.UNKNOWN_EVENT_TYPE, ErrorCode.INVALID_EVENT_TYPES,
+                           ErrorCode.TOO_MANY_EVENT_TYPES, ErrorCode.INVALID_LAST_EVENT_ID})
 
 
 class NoticeKind(enum.Enum):
@@ -237,7 +219,7 @@ class Subscription:
                 # events of those types appear (the proxy publishes types of its own).
                 unknown = ", ".join(map(str, data["unknown_event_types"]))
                 self._notice(NoticeKind.ERROR, f"the hub knows no event type {unknown} (yet);"
-                             " subscribed to the others", code="unknown_event_type", **data)
+                             " subscribed to the others", code=ErrorCode.UNKNOWN_EVENT_TYPE, **data)
             elif kind == "resumed":
                 replayed = data.get("replayed", 0)
                 self._notice(NoticeKind.RESUMED, f"resumed after {data.get('last_event_id')}: "

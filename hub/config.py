@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hub.exceptions import ConfigError
+from hub.errors import ConfigError
 
 MIN_HS_SECRET_BYTES = 32
 HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})

@@ -1,8 +1,9 @@
 """Event types, per-type validation, the envelope and its encodings. No I/O here.
 
 An event travels as the envelope ``{"id", "type", "timestamp", "data"}``. It is encoded
-once per instance: :class:`Event` caches its JSON text (for ``/ws/events``) and its
-Socket.IO packet text, so a broadcast to thousands of clients serialises it twice at most.
+once per instance: :class:`Event` caches its JSON text, and keeps each transport's wire
+encoding (built by the transport, see :meth:`Event.encoded`), so a broadcast to thousands
+of clients serialises it once per transport at most.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from hub.exceptions import EventError
+from hub.errors import ErrorCode, EventError
 
 THREAT_DETECTED: Final = "threat_detected"
 PROVIDER_HEALTH_CHANGE: Final = "provider_health_change"
@@ -193,11 +194,10 @@ class Event:
     data: dict[str, Any]
     tenant: str | None = None
     _text: str | None = field(default=None, repr=False)
-    _sio: str | None = field(default=None, repr=False)
-    _sio_packet: Any = field(default=None, repr=False)
     _key: tuple[int, int] | None = field(default=None, repr=False)
-    _frame: bytes | None = field(default=None, repr=False)
-    _sio_frame: bytes | None = field(default=None, repr=False)
+    # Each transport's wire encodings of it, built on first use by that transport and then
+    # shared by every recipient (see hub.transports): the event knows none of them.
+    wire: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # False while the event is held in the publishing instance's journal, not in Redis yet
     # (an outage): accepted and delivered locally, not shared with other instances yet.
     shared: bool = field(default=True, repr=False, compare=False)
@@ -223,39 +223,17 @@ class Event:
             self._text = orjson.dumps(self.envelope()).decode()
         return self._text
 
-    @property
-    def frame(self) -> bytes:
-        """:attr:`text` as a complete server-to-client WebSocket text frame, built once."""
-        if self._frame is None:
-            from hub.transports.frames import text_frame
-
-            self._frame = text_frame(self.text.encode())
-        return self._frame
-
-    @property
-    def socketio_text(self) -> str:
-        """The Socket.IO EVENT packet for namespace ``/``: ``2["<type>",<envelope>]``."""
-        if self._sio is None:
-            self._sio = '2["' + self.type + '",' + self.text + "]"
-        return self._sio
-
-    @property
-    def socketio_packet(self) -> Any:
-        """The Engine.IO MESSAGE packet carrying :attr:`socketio_text`, built once."""
-        if self._sio_packet is None:
-            from engineio import packet as eio_packet
-
-            self._sio_packet = eio_packet.Packet(eio_packet.MESSAGE, self.socketio_text)
-        return self._sio_packet
-
-    @property
-    def socketio_frame(self) -> bytes:
-        """The Engine.IO message carrying :attr:`socketio_text` as a WebSocket frame."""
-        if self._sio_frame is None:
-            from hub.transports.frames import text_frame
-
-            self._sio_frame = text_frame(("4" + self.socketio_text).encode())
-        return self._sio_frame
+    def encoded(self, kind: str, encode: Callable[[Event], Any]) -> Any:
+        """``encode(self)``, computed once per event and kept under ``kind``."""
+        wire = self.wire
+        if wire is None:
+            wire = self.wire = {}
+        else:  # the fan-out's hot path: one lookup
+            value = wire.get(kind)
+            if value is not None:
+                return value
+        value = wire[kind] = encode(self)
+        return value
 
     def body(self) -> bytes:
         """What a backend stores: the envelope without the id (the store assigns the id)."""
@@ -336,8 +314,8 @@ class EventTypes:
                        f"known types: {', '.join(self._validators)}")
             if not isinstance(data, dict):
                 raise EventError(message + "; data must be a JSON object", field="type",
-                                 code="unknown_event_type", fields=("type", "data"))
-            raise EventError(message, field="type", code="unknown_event_type")
+                                 code=ErrorCode.UNKNOWN_EVENT_TYPE, fields=("type", "data"))
+            raise EventError(message, field="type", code=ErrorCode.UNKNOWN_EVENT_TYPE)
         data = self._check_data(data, max_bytes)
         faults = _collect_faults(validator, data)
         tenant = data.get("tenant_id")
@@ -365,10 +343,10 @@ class EventTypes:
         if validator is None and (strict or not self.learn(type_)):
             if strict or not self.open:
                 raise EventError(f"unknown event type {type_!r}", field="type",
-                                 code="unknown_event_type")
+                                 code=ErrorCode.UNKNOWN_EVENT_TYPE)
             raise EventError(
                 f"event type {type_!r} is new and {self.max_types} types are known already "
-                "(HUB_MAX_EVENT_TYPES)", field="type", code="too_many_event_types")
+                "(HUB_MAX_EVENT_TYPES)", field="type", code=ErrorCode.TOO_MANY_EVENT_TYPES)
         faults = _collect_faults(validator, clean) if validator is not None else []
         if faults and strict:
             raise _combined(faults)
@@ -384,7 +362,7 @@ class EventTypes:
             raise EventError(f"data is not JSON-serialisable: {exc}", field="data") from None
         if size > max_bytes:
             raise EventError(f"data is {size} bytes, more than the limit of {max_bytes}",
-                             field="data", code="event_too_large")
+                             field="data", code=ErrorCode.EVENT_TOO_LARGE)
         return dict(data)
 
 

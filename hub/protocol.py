@@ -10,20 +10,11 @@ from typing import Any
 
 import orjson
 
+from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import now_timestamp
-from hub.exceptions import ProtocolError
 
-
-class CloseCode(enum.IntEnum):
-    """Close codes of ``/ws/events``."""
-
-    GOING_AWAY = 1001  # server shutting down: reconnect elsewhere and resume
-    POLICY_VIOLATION = 1008  # message flood
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011  # a send to the connection failed inside the server
-    TRY_AGAIN_LATER = 1013  # connection limit reached
-    UNAUTHORIZED = 4003  # missing/invalid/expired token, or a foreign browser Origin
-    SLOW_CONSUMER = 4008
+__all__ = ["Action", "ClientMessage", "CloseCode", "parse_client_message",
+           "server_message"]
 
 
 class Action(enum.Enum):
@@ -44,21 +35,21 @@ def parse_client_message(text: str) -> ClientMessage:
     try:
         message = orjson.loads(text)
     except orjson.JSONDecodeError:
-        raise ProtocolError("message is not valid JSON", code="invalid_json") from None
+        raise ProtocolError("message is not valid JSON", code=ErrorCode.INVALID_JSON) from None
     if not isinstance(message, dict):
-        raise ProtocolError("message must be a JSON object", code="not_an_object")
+        raise ProtocolError("message must be a JSON object", code=ErrorCode.NOT_AN_OBJECT)
     raw_action = message.get("action")
     try:
         action = Action(raw_action)
     except ValueError:
         known = ", ".join(a.value for a in Action)
         raise ProtocolError(f"unknown action {raw_action!r}; known actions: {known}",
-                            code="unknown_action") from None
+                            code=ErrorCode.UNKNOWN_ACTION) from None
     if action is Action.PING:
         return ClientMessage(action)
     if "event_types" not in message:
         raise ProtocolError(f"{action.value} needs an event_types list",
-                            code="invalid_event_types")
+                            code=ErrorCode.INVALID_EVENT_TYPES)
     return ClientMessage(action, message["event_types"], message.get("last_event_id"))
 
 
@@ -66,6 +57,3 @@ def server_message(type_: str, data: dict[str, Any] | None = None) -> str:
     """A control message in the envelope's shape: ``{"type", "timestamp", "data"}``."""
     return orjson.dumps({"type": type_, "timestamp": now_timestamp(), "data": data or {}}).decode()
 
-
-def error_message(exc: ProtocolError) -> str:
-    return server_message("error", {"code": exc.code, "message": exc.message})

@@ -17,8 +17,8 @@ from hub.config import Settings
 from hub.dispatch.ledger import Ids
 from hub.dispatch.redis import open_redis
 from hub.dispatch.scripts import APPEND, append_event
+from hub.errors import BackendUnavailable
 from hub.events import Event, EventTypes, id_key, now_timestamp
-from hub.exceptions import BackendUnavailable
 
 
 class Publisher:
@@ -28,7 +28,7 @@ class Publisher:
             event = await publisher.publish("threat_detected", {...})
 
     While Redis is unreachable, ``publish`` retries with jittered backoff for up to
-    ``retry_for_s`` seconds, then raises :class:`~hub.exceptions.BackendUnavailable`.
+    ``retry_for_s`` seconds, then raises :class:`~hub.errors.BackendUnavailable`.
 
     By default it is as strict as ``POST /events``: the spec's types (and
     ``extra_event_types``) only, each ``data`` checked against its schema. ``lenient=True``

@@ -57,13 +57,8 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int, log_level
     )
 
 
-def run(settings: Settings, *, host: str, port: int, workers: int = 1,
-        log_level: str = "info") -> None:
-    if workers > 1:
-        from hub.workers import run_workers
-
-        run_workers(settings, host=host, port=port, workers=workers, log_level=log_level)
-        return
+def run(settings: Settings, *, host: str, port: int, log_level: str = "info") -> None:
+    """One process (``hub serve --workers N`` runs hub.workers instead, from the CLI)."""
     app = create_app(settings)
     server = HubServer(uvicorn_config(app, settings, host, port, log_level), app)
     server.run()

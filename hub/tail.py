@@ -15,14 +15,8 @@ from typing import Any, NoReturn, TextIO
 
 import orjson
 
-from hub.client import (
-    AuthenticationFailed,
-    ConnectionLost,
-    Notice,
-    NoticeKind,
-    SubscriptionRefused,
-    subscribe,
-)
+from hub.client import Notice, NoticeKind, subscribe
+from hub.errors import AuthenticationFailed, ConnectionLost, SubscriptionRefused
 from hub.events import Event, is_event_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"

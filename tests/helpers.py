@@ -102,7 +102,7 @@ async def stalled_client(port: int, token: str, path: str = "/ws/events"
 
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    writer.transport.pause_reading()
+    writer.transport.pause_reading()  # type: ignore[attr-defined]  # a socket transport
     return reader, writer
 
 

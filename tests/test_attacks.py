@@ -452,7 +452,7 @@ def test_an_es256_header_against_an_rsa_key_is_a_reason_not_a_crash() -> None:
     head = base64.urlsafe_b64encode(b'{"alg":"ES256"}').rstrip(b"=").decode()
     body = base64.urlsafe_b64encode(
         json.dumps({"sub": "m", "exp": NOW + 60}).encode()).rstrip(b"=").decode()
-    from hub.exceptions import AuthError
+    from hub.errors import AuthError
 
     with pytest.raises(AuthError) as refused:
         verifier.verify(f"{head}.{body}.AAAA")

@@ -17,7 +17,7 @@ from hub.auth import (
     token_from_cookie,
     token_from_headers,
 )
-from hub.exceptions import AuthError
+from hub.errors import AuthError
 from tests.conftest import SECRET, make_settings, make_token
 
 

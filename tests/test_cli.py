@@ -134,7 +134,8 @@ async def test_dev_mode_prints_working_tokens(tmp_path: Path) -> None:
         # A second run gets another secret: there is no default key.
         other = start_hub_process({}, "--dev", tmp_path=tmp_path)
         try:
-            assert re.search(r"export JWT_SECRET=(\S+)", other.log()).group(1) != secret.group(1)
+            again = re.search(r"export JWT_SECRET=(\S+)", other.log())
+            assert again is not None and again.group(1) != secret.group(1)
         finally:
             other.process.terminate()
             other.process.wait(20)

@@ -233,7 +233,7 @@ async def test_slow_consumer_disconnect_resumes() -> None:
         # read: the socket buffers fill, then the two-event outbox overflows.
         slow = hub.hub.metrics.slow_consumers.labels("websocket")
         pad = "x" * 60_000
-        burst = []
+        burst: list[str] = []
         while slow._value.get() == 0 and len(burst) < 2_000:
             burst.append((await hub.publish("threat_detected", {**THREAT, "pad": pad})).id)
         assert slow._value.get() == 1

@@ -169,11 +169,11 @@ async def test_engineio_upgrade_flags_follow_the_upgrade(memory_hub: RunningHub)
         sid = orjson.loads(opened.text[1:])["sid"]
         await http.post(f"{memory_hub.url}{SIO}?EIO=4&transport=polling&sid={sid}",
                         content="40" + orjson.dumps({"token": make_token()}).decode())
-        sock = eio_compat.socket(eio, sid)
+        sock: Any = eio_compat.socket(eio, sid)
         expect(sock is not None, "python-engineio", "AsyncServer.sockets holds open sessions")
         async with websockets.connect(f"ws://127.0.0.1:{memory_hub.port}{SIO}?EIO=4"
                                       f"&transport=websocket&sid={sid}") as ws:
-            await wait_until(lambda: sock.upgrading, what="engine.io to start the upgrade")
+            await wait_until(lambda: bool(sock.upgrading), what="engine.io to start the upgrade")
             expect(eio_compat.upgrade_in_progress(sock), "python-engineio",
                    "upgrading is set once the upgrade's WebSocket is accepted")
             await ws.send("2probe")

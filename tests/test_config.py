@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hub.config import Settings
-from hub.exceptions import ConfigError
+from hub.errors import ConfigError
 from tests.conftest import SECRET
 
 

@@ -467,9 +467,10 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
     # An event published on either replica reaches every client on both, once.
     first = await publish(topo, services[0])
     second = await publish(topo, services[1])
-    for client in [*plain, *sio_clients]:
-        await client.expect(first)
-        await client.expect(second)
+    everyone: list[PlainClient | SioClient] = [*plain, *sio_clients]
+    for member in everyone:
+        await member.expect(first)
+        await member.expect(second)
 
     # Stop one replica. Its clients are closed (plain: 1001), reconnect through nginx to
     # the other replica and resume from the last id they saw.
@@ -486,9 +487,9 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
 
     # Published while they are away: they must get these on resume, nothing twice.
     missed = [await publish(topo, survivor), await publish(topo, survivor)]
-    for client in [c for c in plain if c not in on_victim_plain]:
+    for plain_member in [c for c in plain if c not in on_victim_plain]:
         for event_id in missed:
-            await client.expect(event_id)
+            await plain_member.expect(event_id)
     for sio_client in [c for c in sio_clients if c not in on_victim_sio]:
         for event_id in missed:
             await sio_client.expect(event_id)
@@ -521,12 +522,12 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
 
     # And live events keep flowing to everyone, now all on the survivor.
     last = await publish(topo, survivor)
-    for client in [*plain, *sio_clients]:
-        await client.expect(last)
-        assert client.received == [first, second, *missed, last], "lost or duplicated"
+    for member in everyone:
+        await member.expect(last)
+        assert member.received == [first, second, *missed, last], "lost or duplicated"
 
-    for client in plain:
-        await client.ws.close()
+    for plain_member in plain:
+        await plain_member.ws.close()
 
 
 def test_render_nginx_replaces_every_service_host(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from hub.errors import EventError
 from hub.events import EventTypes
-from hub.exceptions import EventError
 from tests.helpers import THREAT
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from hub.auth import Principal
-from hub.dispatch.base import Subscriber
+from hub.connection import Subscriber
 from hub.events import Event
 from tests.conftest import RunningHub, make_token
 from tests.helpers import THREAT, connected, recv_type

@@ -86,7 +86,8 @@ def test_ids_from_different_sources_never_collide_and_always_grow() -> None:
     for now in [5, 5, 5, 4, 6, 6]:
         for source in (a, b):
             new = source.next(now)
-            key = tuple(map(int, new.split("-")))
+            ms, seq = map(int, new.split("-"))
+            key = (ms, seq)
             assert new not in seen and key > last[id(source)]
             seen.add(new)
             last[id(source)] = key

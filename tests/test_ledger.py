@@ -9,6 +9,7 @@ per publishing instance."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,8 +161,8 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         for key, public, body in self.redis.after(ledger.last_read)[:count]:
             position = format_id(key)
-            inst.deliver(ledger.read(position, public,
-                                     lambda p=public, b=body: Event.from_body(p, b)))
+            inst.deliver(ledger.read(position, public, functools.partial(Event.from_body,
+                                                                         public, body)))
             self._journal(inst)
 
     @rule(i=st.integers(0, 3))

@@ -222,7 +222,7 @@ async def test_good_envelopes_around_bad_ones_all_arrive(
         sio = SioClient()
         await sio.connect(hub.url, auth={"token": make_token()})
         sio.client.on("operational_event", sio._recorder("operational_event"))
-        goods = []
+        goods: list[dict[str, Any]] = []
         with hub_logs(caplog):
             for n, bad in enumerate(BAD_ENVELOPES):
                 good = {"type": "operational_event" if n % 2 else "threat_detected",

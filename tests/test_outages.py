@@ -17,7 +17,7 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,7 @@ class Scenario:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(until.wait(), 0.05)  # poll health, not a sync point
 
-    async def publish_all(self, fault: Callable[[], Awaitable[None]],
+    async def publish_all(self, fault: Callable[[], Coroutine[Any, Any, None]],
                           targets: Callable[[int], int] = lambda n: n % 2,
                           may_fail: Callable[[], bool] = lambda: False) -> None:
         """``may_fail``: while it says so, a request may get no reply (its instance was

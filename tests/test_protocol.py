@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hub.errors import EventError, ProtocolError
 from hub.events import EventTypes, format_timestamp, id_key, parse_timestamp
-from hub.exceptions import EventError, ProtocolError
 from hub.protocol import Action, parse_client_message
 
 json_values = st.recursive(

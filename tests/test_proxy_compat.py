@@ -27,8 +27,8 @@ import pytest
 import pytest_asyncio
 
 from hub import Publisher
+from hub.errors import EventError
 from hub.events import parse_timestamp
-from hub.exceptions import EventError
 from tests.conftest import ROOT, RedisServer, RunningHub, make_settings, make_token, run_hub
 from tests.helpers import (
     HEALTH,

@@ -95,7 +95,7 @@ async def test_legacy_channel_envelopes_reach_each_client_exactly_once(
             "type": "threat_detected", "timestamp": "2025-01-15T10:30:00Z",
             "data": {**THREAT, "threat_id": f"thr_legacy{n}"}}))
     def count(result: str) -> float:
-        return sum(h.hub.metrics.legacy.labels(result)._value.get() for h in (a, b))
+        return float(sum(h.hub.metrics.legacy.labels(result)._value.get() for h in (a, b)))
 
     await wait_until(lambda: count("appended") + count("duplicate") == 6,
                      what="both instances to read the three good envelopes")
@@ -305,7 +305,7 @@ async def test_events_a_trailing_reader_has_not_read_back_are_neither_overtaken_
                          what="b to reconnect")
         await tick(b, 99)  # after 3 in the stream, and b's reader delivers both in order
         assert await ticks(ws_b, 2) == [3, 99]  # 0-2 not again, 3 once
-        entries = own_redis.client().xrange(settings.stream_key)
+        entries: Any = own_redis.client().xrange(settings.stream_key)
         # Health markers (no "e") aside; the instances' recent events (their "online"
         # announcements) are appended again after the restart too, each once.
         ticks_in_stream = [body["data"]["n"] for body in

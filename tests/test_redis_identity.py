@@ -42,7 +42,7 @@ async def test_an_append_retried_or_replayed_is_stored_once_under_its_id(
     outcome, position = await append_event(script, key, 100, late, "b", relocate=True)
     assert outcome == "moved" and position != late.id
     assert (await append_event(script, key, 100, late, "b", relocate=True))[0] == "present"
-    entries = await client.xrange(key)
+    entries: Any = await client.xrange(key)
     assert [e[1].get(b"i", e[0]).decode() for e in entries] == [first.id, late.id]
     await client.aclose()
 
@@ -97,7 +97,7 @@ async def test_identical_legacy_envelopes_each_arrive_once_whichever_instances_l
                        "data": {**HEALTH, "old_status": "degraded", "new_status": "healthy"}})
 
     async def statuses(ws: Any, marker: str) -> list[str]:
-        seen = []
+        seen: list[str] = []
         while True:
             message = await recv_json(ws, skip_status=False)
             if message["id"] == marker:
@@ -158,7 +158,7 @@ async def test_malformed_stream_entries_are_counted_and_skipped_live_and_on_resu
         for fields in ({"e": b'{"type":"threat_detected","timestamp":"x","data":[1,2]}'},
                        {"e": b"not json"}, {"e": b'"a string"'}, {"x": b"no body"},
                        {"e": b'{"type":7,"timestamp":"x","data":{}}'}):
-            await client.xadd(settings.stream_key, fields)
+            await client.xadd(settings.stream_key, fields)  # type: ignore[arg-type]
         after = await running.publish("threat_detected", THREAT)
         assert (await recv_json(ws))["id"] == after.id  # the reader went on
         assert running.hub.metrics.malformed_entries._value.get() == 5
@@ -279,7 +279,7 @@ async def test_at_the_journal_bound_publishes_are_refused_not_dropped(
         backend = running.hub.dispatcher.backend
         await wait_until(lambda: len(backend.journal) == 0, timeout=20,
                          what="the journal to drain")
-        entries = own_redis.client().xrange(settings.stream_key)
+        entries: Any = own_redis.client().xrange(settings.stream_key)
         stored = [f.get(b"i", i).decode() for i, f in entries
                   if b"e" in f and orjson.loads(f[b"e"])["type"] == "cost_threshold_alert"]
         assert stored == accepted

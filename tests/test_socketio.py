@@ -9,6 +9,7 @@ import socketio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hub.connection import Path
 from tests.conftest import RunningHub, make_settings, make_token, run_hub
 from tests.helpers import HEALTH, THREAT, client_frame, stalled_client, wait_until
 from tests.sio_helpers import SioClient
@@ -189,7 +190,7 @@ async def test_events_stay_in_order_across_the_polling_to_websocket_upgrade(
     assert got == sent
     assert client.client.transport() == "websocket"
     conn = next(iter(memory_hub.hub.socketio.connections.values()))
-    assert conn._direct  # events now go straight to the upgraded WebSocket
+    assert conn.outbox.path is Path.DIRECT  # events now go straight to the upgraded WebSocket
     await client.close()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -323,8 +324,9 @@ async def test_external_emitter_events_are_tenant_scoped(redis_hubs: tuple[Runni
     first, _second = redis_hubs
     settings = first.hub.settings
     viewers: dict[str, SioClient] = {}
-    for name, claims in (("a", {"tenant_id": "A"}), ("b", {"tenant_id": "B"}),
-                         ("none", {}), ("admin", {})):
+    cases: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("a", {"tenant_id": "A"}), ("b", {"tenant_id": "B"}), ("none", {}), ("admin", {}))
+    for name, claims in cases:
         viewers[name] = SioClient()
         role = "admin" if name == "admin" else "viewer"
         await viewers[name].connect(first.url, auth={"token": make_token(name, role=role,
@@ -372,7 +374,7 @@ async def test_a_ping_timeout_frees_a_peer_that_stopped_reading() -> None:
 
 async def test_ping_settings_reach_the_handshake() -> None:
     from hub.config import Settings
-    from hub.exceptions import ConfigError
+    from hub.errors import ConfigError
 
     settings = Settings.from_env({"JWT_SECRET": SECRET, "HUB_PING_INTERVAL_S": "3",
                                   "HUB_PING_TIMEOUT_S": "2.5"})

@@ -1,6 +1,6 @@
 """Event dispatch: one dispatcher per instance over a memory or Redis backend."""
 
-from hub.dispatch.base import Backend, History, Subscriber
+from hub.dispatch.base import Backend, History
 from hub.dispatch.dispatcher import Dispatcher, ResumeResult
 
-__all__ = ["Backend", "Dispatcher", "History", "ResumeResult", "Subscriber"]
+__all__ = ["Backend", "Dispatcher", "History", "ResumeResult"]

@@ -17,8 +17,10 @@ from typing import Any
 
 import orjson
 
-from hub.dispatch.base import Backend, History, Subscriber
+from hub.connection import Subscriber
+from hub.dispatch.base import Backend, History
 from hub.dispatch.window import ReplayWindow
+from hub.errors import BackendUnavailable, ErrorCode, EventError, ProtocolError
 from hub.events import (
     Event,
     EventTypes,
@@ -28,7 +30,6 @@ from hub.events import (
     now_timestamp,
     parse_timestamp,
 )
-from hub.exceptions import BackendUnavailable, EventError, ProtocolError
 from hub.metrics import Metrics
 
 log = logging.getLogger("hub.dispatch")
@@ -145,7 +146,7 @@ class Dispatcher:
                 strict=self._legacy_strict)
             timestamp = parse_timestamp(envelope.get("timestamp")) or now_timestamp()
         except (orjson.JSONDecodeError, EventError) as exc:
-            code = getattr(exc, "code", "invalid_json")
+            code = getattr(exc, "code", ErrorCode.INVALID_JSON)
             self._legacy_log.warning(
                 code, "skipping an envelope on the legacy channel (%s): %s", code, exc)
             return None
@@ -282,11 +283,12 @@ class Dispatcher:
         Only a malformed list is an error: names hub does not know are the caller's to
         report (:meth:`unmatched`), and the known ones still apply."""
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ProtocolError("event_types must be a list of strings", code="invalid_event_types")
+            raise ProtocolError("event_types must be a list of strings",
+                                code=ErrorCode.INVALID_EVENT_TYPES)
         if len(value) > self._max_subscribe_types:
             raise ProtocolError(
                 f"event_types lists {len(value)} types, more than {self._max_subscribe_types}",
-                code="too_many_event_types")
+                code=ErrorCode.TOO_MANY_EVENT_TYPES)
         return value
 
     def unmatched(self, names: Iterable[str]) -> list[str]:
@@ -354,13 +356,13 @@ class Dispatcher:
         if not is_event_id(last_event_id):
             self.metrics.resumes.labels("refused").inc()
             raise ProtocolError("last_event_id must be an event id like 1700000000000-0",
-                                code="invalid_last_event_id")
+                                code=ErrorCode.INVALID_LAST_EVENT_ID)
         if sub.resuming:
             # One replay per connection at a time: a second would hold a second copy of
             # the history; the client waits for ``resumed`` and asks again if it must.
             self.metrics.resumes.labels("refused").inc()
             raise ProtocolError("a resume is already running on this connection; wait for "
-                                "its resumed message", code="resume_in_progress")
+                                "its resumed message", code=ErrorCode.RESUME_IN_PROGRESS)
         assert isinstance(last_event_id, str)
         sub.claim_hold()
         return last_event_id
@@ -390,7 +392,7 @@ class Dispatcher:
             log.warning("resume after %s failed: history unreachable after %d retries; "
                         "the client is told", after, len(HISTORY_RETRY_DELAYS))
             raise ProtocolError("history is unavailable right now; live events continue",
-                                code="history_unavailable") from None
+                                code=ErrorCode.HISTORY_UNAVAILABLE) from None
         finally:
             sub.release_hold()
         self.metrics.resumes.labels("truncated" if result.truncated else "ok").inc()

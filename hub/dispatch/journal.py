@@ -25,8 +25,8 @@ from pathlib import Path
 
 import orjson
 
+from hub.errors import BackendUnavailable, ErrorCode
 from hub.events import Event
-from hub.exceptions import BackendUnavailable
 
 log = logging.getLogger("hub.journal")
 
@@ -34,7 +34,7 @@ log = logging.getLogger("hub.journal")
 class JournalFull(BackendUnavailable):
     """The journal holds ``max_events`` outstanding events; the publish is refused."""
 
-    code = "journal_full"
+    code = ErrorCode.JOURNAL_FULL
 
 
 def default_journal_dir() -> Path:

@@ -10,15 +10,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-import socketio
-
 from hub.dispatch.base import Backend, History
-from hub.dispatch.manager import ConnectHookMixin, FastEmitMixin
 from hub.events import Event, id_key
-
-
-class MemoryManager(ConnectHookMixin, FastEmitMixin, socketio.AsyncManager):  # type: ignore[misc]
-    """python-socketio's in-process manager with hub's encode-once emit."""
 
 
 class MemoryBackend(Backend):
@@ -30,7 +23,6 @@ class MemoryBackend(Backend):
         self._last_ms = 0
         self._seq = 0
         self._evicted: tuple[int, int] | None = None
-        self._manager = MemoryManager()
 
     async def start(self, on_event: Callable[[Event], None],
                     batch: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
@@ -68,9 +60,6 @@ class MemoryBackend(Backend):
         events = list(itertools.islice(kept, start, stop))
         return History(events=events, truncated=truncated, first_retained=kept[0].id,
                        more=stop < len(kept), last_id=events[-1].id if events else None)
-
-    def socketio_manager(self) -> Any:
-        return self._manager
 
     @property
     def connected(self) -> bool:

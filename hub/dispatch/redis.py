@@ -12,9 +12,10 @@ delivered to its own clients at once, and appended when Redis returns. The rules
 Health is measured, not assumed: the last write's outcome, how far the reader trails the
 stream head, and a marker each instance appends and reads back (never delivered).
 
-python-socketio's own cross-instance channel keeps working beside it: the Socket.IO
-server's client manager is an ``AsyncRedisManager``, so an external process emitting
-through a write-only ``AsyncRedisManager`` reaches this instance's Socket.IO clients.
+This backend knows no transport. python-socketio's own cross-instance channel keeps
+working beside it: the Socket.IO transport builds its ``AsyncRedisManager`` on this
+backend's client (hub.transports.sio_manager), so an external process emitting through a
+write-only ``AsyncRedisManager`` reaches this instance's Socket.IO clients.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import socketio
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -43,7 +44,6 @@ from hub.config import Settings
 from hub.dispatch.base import Backend, History
 from hub.dispatch.journal import Journal, JournalFull, default_journal_dir
 from hub.dispatch.ledger import Ledger, format_id, positioned
-from hub.dispatch.manager import ConnectHookMixin, local_emit, refuse_tenant_emit
 from hub.dispatch.scripts import (
     APPEND,
     CLAIM_LEGACY,
@@ -54,8 +54,8 @@ from hub.dispatch.scripts import (
     MOVED_SUFFIX,
     append_event,
 )
+from hub.errors import BackendUnavailable
 from hub.events import Event, id_key
-from hub.exceptions import BackendUnavailable
 
 log = logging.getLogger("hub.redis")
 
@@ -95,11 +95,34 @@ def journal_for(settings: Settings, client: Any) -> Journal:
 POOL_WAIT_S = 2.0
 
 
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, dict[str, Any]]:
+    """``redis+sentinel://[:password]@host1:port1,host2:port2,.../db/service_name``: the
+    sentinels, the service name and the client's keyword arguments (python-socketio's
+    format, so one URL serves both)."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in {"redis+sentinel", "valkey+sentinel"}:
+        raise ValueError("Invalid Redis Sentinel URL")
+    sentinels = []
+    for host_port in parsed.netloc.split("@")[-1].split(","):
+        host, port = host_port.rsplit(":", 1)
+        sentinels.append((host, int(port)))
+    kwargs: dict[str, Any] = {}
+    if parsed.username:
+        kwargs["username"] = parsed.username
+    if parsed.password:
+        kwargs["password"] = parsed.password
+    service = None
+    parts = parsed.path.split("/") if parsed.path else []
+    if len(parts) >= 2 and parts[1] != "":
+        kwargs["db"] = int(parts[1])
+    if len(parts) >= 3 and parts[2] != "":
+        service = parts[2]
+    return sentinels, service, kwargs
+
+
 def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
     if url.startswith("redis+sentinel://"):
-        from socketio.redis_manager import parse_redis_sentinel_url
-
-        sentinels, service, kwargs = parse_redis_sentinel_url(url)
+        sentinels, service, kwargs = parse_sentinel_url(url)
         sentinel = aioredis.Sentinel(sentinels, **kwargs)  # type: ignore[no-untyped-call]
         master: aioredis.Redis = sentinel.master_for(service or "mymaster")
         return master
@@ -119,43 +142,6 @@ def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
-class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ignore[misc]
-    """python-socketio's Redis manager on hub's Redis client, with the encode-once emit."""
-
-    def __init__(self, client: aioredis.Redis, channel: str) -> None:
-        super().__init__(channel=channel)
-        self._client = client
-
-    def _redis_connect(self) -> None:
-        # python-socketio calls this again after each lost connection: keep the one PubSub
-        # (it reconnects and subscribes again itself); a new one each time would strand
-        # the old one's pool connection.
-        self.redis = self._client
-        if getattr(self, "pubsub", None) is None:
-            self.pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        self.connected = True
-
-    async def _listen(self) -> Any:
-        # The host's client may decode responses, so the channel may be str or bytes.
-        async for message in self._redis_listen_with_retries():
-            if message.get("type") == "message" and _str(message["channel"]) == self.channel:
-                yield message["data"]
-
-    async def _handle_emit(self, message: dict[str, Any]) -> None:
-        if message.get("callback") is not None or message.get("binary"):
-            if not refuse_tenant_emit(message.get("event"), message.get("data")):
-                await super()._handle_emit(message)
-            return
-        data = message["data"]
-        if isinstance(data, list):
-            data = data[0] if len(data) == 1 else tuple(data)
-        local_emit(
-            self,
-            message["event"], data, message.get("namespace") or "/",
-            message.get("room"), message.get("skip_sid"),
-        )
-
-
 class RedisBackend(Backend):
     name = "redis"
 
@@ -166,7 +152,6 @@ class RedisBackend(Backend):
         owns_client: bool,
         stream_key: str,
         history_size: int,
-        socketio_channel: str,
         legacy_channel: str,
         legacy_parser: LegacyParser,
         instance_id: str,
@@ -229,7 +214,6 @@ class RedisBackend(Backend):
         self._legacy_sub = ""  # this subscription's name in the claim script
         self._legacy_n = 0  # messages received on this subscription
         self._legacy_since_ms = 0  # Redis time just before it subscribed
-        self._manager = HubRedisManager(client, socketio_channel)
         self._append_script = client.register_script(APPEND)
         self._claim = client.register_script(CLAIM_LEGACY)
 
@@ -286,13 +270,6 @@ class RedisBackend(Backend):
         if self._legacy_pubsub is not None:  # its loop never got to take it
             await self._legacy_pubsub.aclose()
             self._legacy_pubsub = None
-        thread = getattr(self._manager, "thread", None)
-        if thread is not None:
-            thread.cancel()
-            await asyncio.gather(thread, return_exceptions=True)
-        pubsub: Any = self._manager.pubsub
-        if pubsub is not None:
-            await pubsub.aclose()
         if self._owns_client:
             await self.redis.aclose()
 
@@ -337,9 +314,6 @@ class RedisBackend(Backend):
     @property
     def reader_lag_s(self) -> float:
         return max(0.0, time.monotonic() - self._caught_up_at)
-
-    def socketio_manager(self) -> Any:
-        return self._manager
 
     # -- events -------------------------------------------------------------------------
     async def publish(self, type_: str, timestamp: str, data: dict[str, Any]) -> Event:

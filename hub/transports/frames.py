@@ -19,11 +19,12 @@ import contextlib
 import struct
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from hub._compat import uvicorn as uvicorn_compat
 
 SEND_KEY = "hub.raw_send"  # where HubApp leaves the server's own send callable in the scope
+COALESCER_KEY = "hub.coalescer"  # and the instance's WriteCoalescer
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -38,14 +39,29 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+class Sink(Protocol):
+    """Where an outbox writes whole frames (hub.connection.Outbox): :class:`FrameSink` for a
+    uvicorn WebSocket; any transport with flow control fits."""
+
+    def ready(self) -> bool: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def write(self, frame: bytes) -> None: ...
+
+    async def wait_ready(self) -> None: ...
+
+
 class FrameSink:
     """The transport of one uvicorn WebSocket connection, for whole pre-encoded frames."""
 
-    __slots__ = ("_protocol", "_transport")
+    __slots__ = ("_coalescer", "_protocol", "_transport")
 
-    def __init__(self, protocol: Any) -> None:
+    def __init__(self, protocol: Any, coalescer: WriteCoalescer | None = None) -> None:
         self._protocol = protocol
         self._transport = protocol.transport
+        self._coalescer = coalescer
 
     def ready(self) -> bool:
         """True when a frame written now goes out without queueing behind backpressure."""
@@ -65,10 +81,12 @@ class FrameSink:
         uvicorn_compat.abort(self._protocol)
 
     def write(self, frame: bytes) -> None:
-        if _batch is None:
+        coalescer = self._coalescer
+        batch = coalescer.batch if coalescer is not None else None
+        if batch is None:
             self._transport.write(frame)
         else:
-            _batch.add(self, frame)
+            batch.add(self, frame)
 
     def _write_many(self, frames: list[bytes]) -> None:
         if not self.closed:
@@ -79,7 +97,7 @@ class FrameSink:
         await self._protocol.writable.wait()
 
 
-async def write_queued(sink: FrameSink, outbox: deque[Any]) -> None:
+async def write_queued(sink: Sink, outbox: deque[Any]) -> None:
     """Write queued frames (bytes) in order as the transport takes them, waiting out its
     backpressure; drop them if the connection is gone. Frames stay queued until written,
     so a direct write (which requires an empty queue) can never overtake one."""
@@ -95,12 +113,17 @@ async def write_queued(sink: FrameSink, outbox: deque[Any]) -> None:
 
 
 def frame_sink(scope: Mapping[str, Any]) -> FrameSink | None:
+    """The sink of a WebSocket request, writing through the instance's coalescer (which
+    HubApp leaves in the scope beside the raw send); None where direct writes are off."""
     protocol = uvicorn_compat.sansio_protocol(scope.get(SEND_KEY))
-    return FrameSink(protocol) if protocol is not None else None
+    if protocol is None:
+        return None
+    coalescer = scope.get(COALESCER_KEY)
+    return FrameSink(protocol, coalescer if isinstance(coalescer, WriteCoalescer) else None)
 
 
 class _Batch:
-    """Frames written inside :func:`coalesced_writes`, per sink, in order."""
+    """Frames written inside :meth:`WriteCoalescer.coalesced`, per sink, in order."""
 
     # Enough to make a burst cheap, few enough to bound the memory held (~300 bytes each)
     # and the delay of the first frames (about a microsecond of fan-out per frame).
@@ -126,22 +149,28 @@ class _Batch:
             sink._write_many(queued)
 
 
-_batch: _Batch | None = None
+class WriteCoalescer:
+    """One per hub instance (nothing module-global): the batch its sinks write into while
+    a :meth:`coalesced` block runs."""
 
+    __slots__ = ("batch",)
 
-@contextlib.contextmanager
-def coalesced_writes() -> Iterator[None]:
-    """Within this block (which must not await), frames written to each connection are
-    joined and go out in one ``transport.write`` at its end: a batch of events read
-    together costs each client one system call instead of one per event. Order per
-    connection is kept; nothing else writes to a transport while no task switch happens."""
-    global _batch
-    if _batch is not None:  # nested: the outer block flushes
-        yield
-        return
-    _batch = batch = _Batch()
-    try:
-        yield
-    finally:
-        _batch = None
-        batch.flush()
+    def __init__(self) -> None:
+        self.batch: _Batch | None = None
+
+    @contextlib.contextmanager
+    def coalesced(self) -> Iterator[None]:
+        """Within this block (which must not await), frames written to each connection are
+        joined and go out in one ``transport.write`` at its end: a batch of events read
+        together costs each client one system call instead of one per event. Order per
+        connection is kept; nothing else writes to a transport while no task switch
+        happens."""
+        if self.batch is not None:  # nested: the outer block flushes
+            yield
+            return
+        self.batch = batch = _Batch()
+        try:
+            yield
+        finally:
+            self.batch = None
+            batch.flush()

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import Counter, deque
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -22,17 +21,22 @@ from engineio import packet as eio_packet
 
 from hub._compat import engineio as eio_compat
 from hub.auth import AuthError, Principal, token_from_headers
-from hub.dispatch.base import Subscriber
-from hub.dispatch.manager import queue_eio_packet
+from hub.connection import (
+    Outbox,
+    Path,
+    Services,
+    Subscriber,
+    count_slow,
+    schedule_expiry,
+)
+from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import Event
-from hub.exceptions import ProtocolError
 from hub.limits import TokenBucket
-from hub.transports.frames import FrameSink, frame_sink, text_frame, write_queued
-
-if TYPE_CHECKING:
-    from hub.app import Hub
+from hub.transports.frames import FrameSink, frame_sink, text_frame
+from hub.transports.sio_manager import queue_eio_packet
 
 log = logging.getLogger("hub.socketio")
+_QUEUED = Path.QUEUED
 NAMESPACE = "/"
 SINK_KEY = "hub.sink"  # the FrameSink of a WebSocket request, left in its ASGI scope
 UNSUPPORTED_VERSION = (
@@ -43,15 +47,46 @@ UNSUPPORTED_VERSION_REASON = (  # a close reason holds at most 123 bytes
     "is not supported")
 
 
-class SocketIOConnection(Subscriber):
-    """A Socket.IO socket as the dispatcher sees it.
+def event_text(event: Event) -> str:
+    """The Socket.IO EVENT packet for namespace ``/``: ``2["<type>",<envelope>]``."""
+    text: str = event.encoded("sio", _encode_text)
+    return text
 
-    Over long-polling, events go through engine.io's queue. Once the socket is on a
-    WebSocket served by uvicorn, they take the same path as ``/ws/events``: the event's
-    Engine.IO frame, built once, written straight to the transport, with a bounded outbox
-    and a writer of our own for backpressure. The switch waits until engine.io has sent
-    what it queued (the CONNECT packet, or what was pending at the upgrade), so events
-    never overtake it."""
+
+def event_packet(event: Event) -> eio_packet.Packet:
+    """The Engine.IO MESSAGE packet carrying :func:`event_text`, built once per event."""
+    pkt: eio_packet.Packet = event.encoded("sio_packet", _encode_packet)
+    return pkt
+
+
+def event_frame(event: Event) -> bytes:
+    """The Engine.IO message carrying :func:`event_text` as a WebSocket frame."""
+    frame: bytes = event.encoded("sio_frame", _encode_frame)
+    return frame
+
+
+def _encode_text(event: Event) -> str:
+    return '2["' + event.type + '",' + event.text + "]"
+
+
+def _encode_packet(event: Event) -> eio_packet.Packet:
+    return eio_packet.Packet(eio_packet.MESSAGE, event_text(event))
+
+
+def _encode_frame(event: Event) -> bytes:
+    return text_frame(("4" + event_text(event)).encode())
+
+
+class SocketIOConnection(Subscriber):
+    """A Socket.IO socket as the dispatcher sees it: the connection core (hub.connection)
+    with Socket.IO's packets.
+
+    Over long-polling (Path.QUEUED), events go through engine.io's queue. Once the socket
+    is on a WebSocket served by uvicorn, they take the same path as ``/ws/events``: the
+    event's Engine.IO frame, built once, written straight to the transport, with the
+    bounded outbox and its one writer for backpressure. The switch (Path.SWITCHING) waits
+    until engine.io has sent what it queued (the CONNECT packet, or what was pending at the
+    upgrade), so events never overtake it."""
 
     transport = "socketio"
 
@@ -63,32 +98,31 @@ class SocketIOConnection(Subscriber):
         self._transport = transport
         self._server = transport.sio
         self._limit = transport.hub.settings.outbox_limit
-        self.kicked = False
         self.expiry: asyncio.TimerHandle | None = None
-        self._sink: FrameSink | None = None
-        self._direct = False  # engine.io's queue is drained: frames may go out directly
-        self._outbox: deque[bytes] | None = None  # created on first use (~600 bytes)
-        self.drained = asyncio.Event()  # the outbox is empty (for a graceful stop)
-        self.drained.set()
-        self._writer: asyncio.Task[None] | None = None
+        self.outbox = Outbox(self._limit, path=Path.QUEUED)
         self.hold_limit = self._limit
 
-    # -- room for a replay (hub.dispatch.base.Subscriber) --------------------------------
+    @property
+    def kicked(self) -> bool:
+        """Being disconnected by the server: it takes nothing more."""
+        return not self.outbox.open
+
+    # -- room for a replay (hub.connection.Subscriber) -----------------------------------
     def replay_room(self) -> int:
         if self.kicked:
             return 0
-        if self._sink is None:  # through engine.io's queue
+        if self.outbox.path is Path.QUEUED:  # through engine.io's queue
             sock = self._server.eio.sockets.get(self.eio_sid)
             return self._limit - (sock.queue.qsize() if sock is not None else 0)
         return self._limit - self.queued
 
     async def wait_room(self) -> None:
-        if self._sink is None:
+        if self.outbox.path is Path.QUEUED:
             sock = self._server.eio.sockets.get(self.eio_sid)
             if sock is not None:
                 await sock.queue.join()
             return
-        await self.drained.wait()
+        await self.outbox.wait_drained()
 
     @property
     def closed(self) -> bool:
@@ -96,23 +130,22 @@ class SocketIOConnection(Subscriber):
 
     # -- sending ------------------------------------------------------------------------
     def _send(self, event: Event, replay: bool = False) -> None:
-        if self._sink is None and not self._try_attach():
+        outbox = self.outbox
+        if outbox.path is _QUEUED and not self._try_attach():
             # One packet object per event per instance, shared by all its recipients.
-            self._queue(event.socketio_packet, bounded=not replay)
+            self._queue(event_packet(event), bounded=not replay)
             return
-        self._put(event.socketio_frame, bounded=not replay)
+        if not outbox.put(event_frame(event), not replay):
+            self._transport.kick_slow(self)
 
-    def emit_now(self, name: str, data: Any) -> None:
+    def send_control(self, name: str, data: dict[str, Any]) -> None:
         """Send a hub-originated Socket.IO event (``resumed``, ``history_truncated``…) in
         order with the events around it."""
         text = "2" + orjson.dumps([name, data]).decode()
-        if self._sink is None and not self._try_attach():
+        if self.outbox.path is Path.QUEUED and not self._try_attach():
             self._queue(eio_packet.Packet(eio_packet.MESSAGE, text))
             return
         self._put(text_frame(("4" + text).encode()), bounded=False)
-
-    def send_control(self, name: str, data: dict[str, Any]) -> None:
-        self.emit_now(name, data)
 
     def _queue(self, pkt: eio_packet.Packet, bounded: bool = False) -> None:
         """Through engine.io's queue; only live events count against the limit."""
@@ -123,22 +156,8 @@ class SocketIOConnection(Subscriber):
             self._transport.kick_slow(self)
 
     def _put(self, frame: bytes, bounded: bool) -> None:
-        if self.kicked:
-            return
-        sink = self._sink
-        assert sink is not None
-        if self._direct and not self._outbox and sink.ready():
-            sink.write(frame)
-            return
-        if bounded and self.queued >= self._limit:
+        if not self.outbox.put(frame, bounded):
             self._transport.kick_slow(self)
-            return
-        if self._outbox is None:
-            self._outbox = deque()
-        self._outbox.append(frame)
-        self.drained.clear()
-        if self._direct:
-            self._start_writer()  # before _direct, the switch-over writer is running
 
     # -- the direct path ----------------------------------------------------------------
     def _try_attach(self) -> bool:
@@ -150,13 +169,13 @@ class SocketIOConnection(Subscriber):
         return True
 
     def attach(self, sink: FrameSink) -> None:
-        if self._sink is not None or self.kicked:
+        """QUEUED -> SWITCHING: frames queue in the outbox until engine.io's queue is out."""
+        if self.outbox.sink is not None or self.kicked:
             return
-        self._sink = sink
         self._transport.hub.metrics.frame_path.labels(self.transport, "direct").inc()
-        self._writer = asyncio.get_running_loop().create_task(self._switch_over(sink))
+        self.outbox.switch_over(sink, lambda: self._engineio_sent(sink))
 
-    async def _switch_over(self, sink: FrameSink) -> None:
+    async def _engineio_sent(self, sink: FrameSink) -> None:
         sock = eio_compat.socket(self._server.eio, self.eio_sid)
         if sock is not None:
             # engine.io's writer first: what it queued before us must go out before us.
@@ -165,38 +184,19 @@ class SocketIOConnection(Subscriber):
         # engine.io's writer, if it was waiting for the transport too, woke before us;
         # one turn of the loop lets it finish the frames it was holding.
         await asyncio.sleep(0)
-        self._direct = True
-        await self._drain(sink)
-
-    def _start_writer(self) -> None:
-        # Only while frames wait: an idle socket costs no task of ours.
-        if self._writer is None or self._writer.done():
-            assert self._sink is not None
-            self._writer = asyncio.get_running_loop().create_task(self._drain(self._sink))
-
-    async def _drain(self, sink: FrameSink) -> None:
-        if self._outbox is not None:
-            await write_queued(sink, self._outbox)
-        self.drained.set()
 
     @property
     def queued(self) -> int:
-        return len(self._outbox) if self._outbox is not None else 0
+        return self.outbox.queued
 
     @property
     def sink(self) -> FrameSink | None:
-        return self._sink
+        sink = self.outbox.sink
+        return sink if isinstance(sink, FrameSink) else None
 
     def close_after_error(self) -> None:
         """A send to it failed (see Dispatcher._deliver): close it."""
         self._transport.kick_failed(self)
-
-    def stop_writer(self) -> None:
-        if self._outbox is not None:
-            self._outbox.clear()
-        self.drained.set()
-        if self._writer is not None:
-            self._writer.cancel()
 
     def rooms_changed(self, joined: set[str], left: set[str]) -> None:
         manager = self._server.manager
@@ -250,7 +250,7 @@ class _Server(socketio.AsyncServer):  # type: ignore[misc]
 class SocketIOTransport:
     """python-socketio's AsyncServer wired to the dispatcher."""
 
-    def __init__(self, hub: Hub, manager: Any) -> None:
+    def __init__(self, hub: Services, manager: Any) -> None:
         self.hub = hub
         settings = hub.settings
         # hub's one Origin check (hub.auth.OriginPolicy; HubApp applies it before this app
@@ -303,19 +303,22 @@ class SocketIOTransport:
         sid = query.get("sid", [None])[0]
         if sid is None:
             if query.get("EIO") != ["4"]:
-                await _refuse(scope, send, 400, 1008, "unsupported_protocol",
+                await _refuse(scope, send, 400, CloseCode.POLICY_VIOLATION,
+                              ErrorCode.UNSUPPORTED_PROTOCOL,
                               UNSUPPORTED_VERSION if kind == "http"
                               else UNSUPPORTED_VERSION_REASON)
                 return
             refusal = self._admit(_address(scope))
             if refusal is not None:
-                await _refuse(scope, send, 503, 1013, "too_many_sessions", refusal)
+                await _refuse(scope, send, 503, CloseCode.TRY_AGAIN_LATER,
+                              ErrorCode.TOO_MANY_SESSIONS, refusal)
                 return
         elif kind == "http" and scope.get("method") == "POST":
             length = _content_length(scope)
             if length is not None and length > self.settings.max_message_bytes:
                 # engine.io would disconnect the session and never answer the request.
-                await _refuse(scope, send, 413, 1009, "payload_too_large",
+                await _refuse(scope, send, 413, CloseCode.MESSAGE_TOO_BIG,
+                              ErrorCode.PAYLOAD_TOO_LARGE,
                               f"a polling request body may hold at most "
                               f"{self.settings.max_message_bytes} bytes")
                 self.close_session(sid)
@@ -452,7 +455,7 @@ class SocketIOTransport:
             if not conn.kicked:
                 log.warning("disconnecting Socket.IO client %s (user %s): message rate limit "
                             "exceeded", conn.sid, conn.principal.user_id)
-                conn.emit_now("error", {"code": "rate_limited",
+                conn.send_control("error", {"code": ErrorCode.RATE_LIMITED,
                                         "message": "message rate limit exceeded"})
                 self._kick(conn)
         else:
@@ -492,7 +495,8 @@ class SocketIOTransport:
             hub.refusals.refuse("Socket.IO", client[0] if client else None, exc.code,
                                 early_answer=False)
             raise socketio.exceptions.ConnectionRefusedError(
-                "unauthorized", {"code": 4003, "reason": exc.code, "message": exc.message}
+                ErrorCode.UNAUTHORIZED,
+                {"code": CloseCode.UNAUTHORIZED, "reason": exc.code, "message": exc.message}
             ) from None
         types = None
         if "event_types" in auth:
@@ -504,7 +508,8 @@ class SocketIOTransport:
         refusal = hub.limits.acquire(principal.user_id)
         if refusal is not None:
             self._close_after_refusal(sid)
-            raise socketio.exceptions.ConnectionRefusedError(refusal, {"code": 1013})
+            raise socketio.exceptions.ConnectionRefusedError(
+                refusal, {"code": CloseCode.TRY_AGAIN_LATER})
         self._pending[sid] = (principal, types, auth.get("last_event_id"))
 
     def _activate(self, sid: str) -> None:
@@ -521,15 +526,13 @@ class SocketIOTransport:
         self._by_eio[eio_sid] = conn
         self.hub.metrics.connections.labels(conn.transport).inc()
         self.hub.dispatcher.add(conn, types)
-        conn.emit_now("connection_established", {
+        conn.send_control("connection_established", {
             "user_id": principal.user_id, "connection_id": sid,
             "instance_id": self.hub.settings.instance_id,
             "event_types": self.hub.dispatcher.subscribed_to(conn),
         })
-        if principal.expires_at is not None:
-            delay = max(0.0, principal.expires_at + self.hub.verifier.leeway - time.time())
-            conn.expiry = asyncio.get_running_loop().call_later(
-                delay, self._expire, conn)
+        conn.expiry = schedule_expiry(principal, self.hub.verifier.leeway,
+                                      lambda: self._expire(conn))
         if last_event_id is None:
             # Until its first message: it may be a subscribe that resumes.
             conn.hold_for_first_message(self.hub.settings.resume_hold_s)
@@ -548,7 +551,7 @@ class SocketIOTransport:
         self._abort_later(conn.eio_sid)
         if self._by_eio.get(conn.eio_sid) is conn:
             del self._by_eio[conn.eio_sid]
-        conn.stop_writer()
+        conn.outbox.abort()
         if conn.expiry is not None:
             conn.expiry.cancel()
         self.hub.dispatcher.remove(conn)
@@ -556,27 +559,27 @@ class SocketIOTransport:
         self.hub.metrics.connections.labels(conn.transport).dec()
 
     def _expire(self, conn: SocketIOConnection) -> None:
-        conn.emit_now("token_expired", {"code": 4003, "message": "token expired"})
+        conn.send_control("token_expired", {"code": CloseCode.UNAUTHORIZED,
+                                            "message": "token expired"})
         self._kick(conn)
 
     def kick_failed(self, conn: SocketIOConnection) -> None:
         self._kick(conn, drop_queue=True)
 
     def kick_slow(self, conn: SocketIOConnection) -> None:
-        self.hub.metrics.slow_consumers.labels(conn.transport).inc()
         sock = eio_compat.socket(self.sio.eio, conn.eio_sid)
         dropped = conn.queued + (eio_compat.queue_length(sock) if sock is not None else 0)
-        self.hub.metrics.dropped.labels("slow_consumer").inc(dropped)
-        log.warning("disconnecting slow Socket.IO consumer %s (user %s)", conn.sid,
-                    conn.principal.user_id)
+        count_slow(self.hub.metrics, log, conn.transport, conn.sid, conn.principal.user_id,
+                   dropped)
         self._kick(conn, drop_queue=True)
 
     def _kick(self, conn: SocketIOConnection, drop_queue: bool = False) -> None:
         if conn.kicked:
             return
-        conn.kicked = True
-        if drop_queue:
-            conn.stop_writer()
+        if not drop_queue:
+            conn.outbox.close_after_flush()  # what is queued (a notice) still goes out
+        else:
+            conn.outbox.abort()
             sock = eio_compat.socket(self.sio.eio, conn.eio_sid)
             if sock is not None:
                 eio_compat.drop_queued(sock)  # free the backlog now; the socket is going away
@@ -585,7 +588,8 @@ class SocketIOTransport:
     async def _disconnect_now(self, conn: SocketIOConnection) -> None:
         # What is still queued (a token_expired notice) goes out first, within reason.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(conn.drained.wait(), self.settings.close_timeout_s)
+            await asyncio.wait_for(conn.outbox.wait_drained(),
+                                   self.settings.close_timeout_s)
         await self.sio.disconnect(conn.sid)
         await self._close_transport(conn.eio_sid)
 
@@ -603,13 +607,13 @@ class SocketIOTransport:
     async def _subscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
         conn = self.connections.get(sid)
         if conn is None:
-            return _error(ProtocolError("not connected", code="not_connected"))
+            return _error(ProtocolError("not connected", code=ErrorCode.NOT_CONNECTED))
         dispatcher = self.hub.dispatcher
         try:
             payload = data if isinstance(data, dict) else {}
             if not isinstance(data, dict):
                 raise ProtocolError("subscribe takes {event_types, last_event_id?}",
-                                    code="not_an_object")
+                                    code=ErrorCode.NOT_AN_OBJECT)
             types = dispatcher.check_types(payload.get("event_types"))
             dispatcher.subscribe(conn, types)
             ack: dict[str, Any] = dispatcher.subscription_reply(conn, types)
@@ -626,11 +630,11 @@ class SocketIOTransport:
     async def _unsubscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
         conn = self.connections.get(sid)
         if conn is None:
-            return _error(ProtocolError("not connected", code="not_connected"))
+            return _error(ProtocolError("not connected", code=ErrorCode.NOT_CONNECTED))
         dispatcher = self.hub.dispatcher
         try:
             if not isinstance(data, dict):
-                raise ProtocolError("unsubscribe takes {event_types}", code="not_an_object")
+                raise ProtocolError("unsubscribe takes {event_types}", code=ErrorCode.NOT_AN_OBJECT)
             types = dispatcher.check_types(data.get("event_types"))
             dispatcher.unsubscribe(conn, types)
         except ProtocolError as exc:
@@ -648,9 +652,9 @@ class SocketIOTransport:
             info = await self._resume(conn, last_event_id)
         except ProtocolError as exc:
             conn.end_replay()
-            conn.emit_now("error", {"code": exc.code, "message": exc.message})
+            conn.send_error(exc)
             return
-        conn.emit_now("resumed", info)
+        conn.send_control("resumed", info)
 
     async def shutdown(self) -> None:
         """Let queued events go out, then close each Engine.IO transport.
@@ -660,7 +664,7 @@ class SocketIOTransport:
         with ``auth.last_event_id``) after a lost transport."""
         conns = list(self.connections.values())
         if conns:
-            await asyncio.wait([asyncio.create_task(c.drained.wait()) for c in conns],
+            await asyncio.wait([asyncio.create_task(c.outbox.wait_drained()) for c in conns],
                                timeout=self.hub.settings.shutdown_timeout_s)
         for conn in conns:
             await self._close_transport(conn.eio_sid)

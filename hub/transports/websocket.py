@@ -1,9 +1,10 @@
 """``/ws/events``: the spec's plain WebSocket protocol.
 
-A broadcast never awaits a client: each event's frame goes straight to the connection's
-transport when nothing is queued ahead of it (hub.transports.frames), else into a bounded
-outbox that one writer task drains while the client pushes back. A client whose outbox
-fills up is closed with 4008 instead of growing the server's memory.
+Only the wire format lives here (JSON texts, close codes, the client's messages); the
+outbox, its writer, close-after-flush, expiry and the replay hold-back are the connection
+core's (hub.connection). A broadcast never awaits a client: each event's frame goes
+straight to the connection's transport when nothing is queued ahead of it, else into the
+bounded outbox. A client whose outbox fills up is closed with 4008.
 """
 
 from __future__ import annotations
@@ -13,32 +14,52 @@ import contextlib
 import itertools
 import logging
 import secrets
-import time
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from hub.auth import AuthError, Principal, token_from_headers
-from hub.dispatch.base import Subscriber
+from hub.connection import (
+    Outbox,
+    Path,
+    Services,
+    Subscriber,
+    count_slow,
+    schedule_expiry,
+)
+from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
-from hub.exceptions import ProtocolError
 from hub.limits import TokenBucket
-from hub.protocol import Action, ClientMessage, CloseCode, error_message, parse_client_message
+from hub.protocol import Action, ClientMessage, CloseCode, parse_client_message
 from hub.protocol import server_message as control
 from hub.refusals import Answer
-from hub.transports.frames import frame_sink, text_frame, write_queued
-
-if TYPE_CHECKING:
-    from hub.app import Hub
+from hub.transports.frames import frame_sink, text_frame
 
 log = logging.getLogger("hub.websocket")
+_DIRECT = Path.DIRECT
 _ids = itertools.count(1)
 
 
+class _PlainOutbox(Outbox):
+    __slots__ = ()
+    GONE = (WebSocketDisconnect, OSError, RuntimeError)
+
+
+def event_frame(event: Event) -> bytes:
+    """The event's text frame for ``/ws/events``, built once per event."""
+    frame: bytes = event.encoded("ws", _encode_frame)
+    return frame
+
+
+def _encode_frame(event: Event) -> bytes:
+    return text_frame(event.text.encode())
+
+
 class PlainConnection(Subscriber):
+    """A ``/ws/events`` connection: the connection core with the spec's JSON texts."""
+
     transport = "websocket"
 
     def __init__(self, websocket: WebSocket, principal: Principal, outbox_limit: int,
@@ -49,127 +70,76 @@ class PlainConnection(Subscriber):
         self.connection_id = f"ws_{next(_ids)}_{secrets.token_hex(4)}"
         # With a sink, frames go straight to the transport (shared, pre-encoded bytes) and
         # the outbox holds frames; without one, it holds texts for ASGI sends.
-        self._sink = frame_sink(websocket.scope)
-        # Created on first use: an empty deque is ~600 bytes, and most connections never
-        # queue anything when frames go straight to the transport.
-        self._outbox: deque[str | bytes] | None = None
-        self._limit = outbox_limit
-        self._close_after_flush: tuple[int, str] | None = None
-        self._closed = False
+        sink = frame_sink(websocket.scope)
+        self.outbox = _PlainOutbox(outbox_limit, sink,
+                                   send=websocket.send_text if sink is None else None)
         self._on_slow = on_slow
         self._on_abort = on_abort
-        self.writer: asyncio.Task[None] | None = None
         self.resume_task: asyncio.Task[Any] | None = None
         self.hold_limit = outbox_limit
 
     @property
     def frame_path(self) -> str:
         """How its events reach the transport (for the hub_frame_path_connections metric)."""
-        return "direct" if self._sink is not None else "asgi"
+        return self.outbox.path.value
 
     def close_after_error(self) -> None:
         """A send to it failed (see Dispatcher._deliver): close it."""
         self.abort(CloseCode.INTERNAL_ERROR, "internal error")
 
-    # -- outbox -------------------------------------------------------------------------
+    # -- the outbox (hub.connection.Outbox) -----------------------------------------------
     @property
     def queued(self) -> int:
-        return len(self._outbox) if self._outbox is not None else 0
+        return self.outbox.queued
 
     def replay_room(self) -> int:
-        return 0 if self._closed else self._limit - self.queued
+        return self.outbox.room()
 
     async def wait_room(self) -> None:
         # The writer runs until the outbox is empty (or the connection is gone).
-        writer = self.writer
-        if writer is not None and not writer.done():
-            await asyncio.wait((writer,))
+        await self.outbox.wait_drained()
 
     @property
     def closed(self) -> bool:
         # Closing after a flush (shutdown) takes nothing more: a replay stops there.
-        return self._closed or self._close_after_flush is not None or super().closed
+        return not self.outbox.open or super().closed
 
     def _send(self, event: Event, replay: bool = False) -> None:
-        self._put(event.frame if self._sink is not None else event.text, bounded=not replay)
+        outbox = self.outbox
+        item = event_frame(event) if outbox.path is _DIRECT else event.text
+        if not outbox.put(item, not replay):
+            self._overflowed()
 
     def send_control(self, name: str, data: dict[str, Any]) -> None:
-        self.enqueue(control(name, data))
-
-    def enqueue(self, text: str) -> None:
-        """Queue a control message (a reply to the client, bounded by its message rate)."""
-        self._put(text_frame(text.encode()) if self._sink is not None else text, bounded=False)
+        """A hub message (a reply to the client, bounded by its message rate)."""
+        text = control(name, data)
+        direct = self.outbox.path is Path.DIRECT
+        self._put(text_frame(text.encode()) if direct else text, bounded=False)
 
     def _put(self, item: str | bytes, bounded: bool) -> None:
-        """Send or queue one frame. Only live events are ``bounded`` by the outbox limit:
-        replies are bounded by the client's message rate, replays by the history size."""
-        if self._closed or self._close_after_flush is not None:
-            return
-        sink = self._sink
-        if sink is not None and not self._outbox and sink.ready():
-            # Nothing queued ahead of it and no backpressure: out now, no task switch.
-            assert isinstance(item, bytes)
-            sink.write(item)
-            return
-        if bounded and self.queued >= self._limit:
-            self._on_slow(self)
-            self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
-            return
-        if self._outbox is None:
-            self._outbox = deque()
-        self._outbox.append(item)
-        self._start_writer()
+        """Only live events are ``bounded`` by the outbox limit: replies are bounded by the
+        client's message rate, replays by the history size."""
+        if not self.outbox.put(item, bounded):
+            self._overflowed()
 
-    def _start_writer(self) -> None:
-        # A writer task exists only while something waits to be sent: an idle connection
-        # (most of them, most of the time) costs no task.
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.get_running_loop().create_task(self._run_writer())
-
-    async def _drain(self) -> None:
-        ws, sink, outbox = self.websocket, self._sink, self._outbox
-        if outbox is None:
-            return
-        if sink is not None:
-            await write_queued(sink, outbox)
-            return
-        while outbox:
-            item = outbox.popleft()
-            assert isinstance(item, str)
-            await ws.send_text(item)
-
-    async def _run_writer(self) -> None:
-        ws = self.websocket
-        try:
-            await self._drain()
-            if self._close_after_flush is not None:
-                code, reason = self._close_after_flush
-                self._closed = True
-                await ws.close(code, reason)
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            # The peer went away (or the socket was closed under us): nothing left to send.
-            self._closed = True
+    def _overflowed(self) -> None:
+        self._on_slow(self)
+        self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
 
     # -- closing ------------------------------------------------------------------------
     def close_after_flush(self, code: int, reason: str) -> None:
         """Send what is queued, then close (graceful shutdown)."""
-        if self._closed or self._close_after_flush is not None:
-            return
-        self._close_after_flush = (code, reason)
-        self._start_writer()
+        websocket = self.websocket
+
+        async def close() -> None:
+            await websocket.close(code, reason)
+        self.outbox.close_after_flush(close)
 
     def abort(self, code: int, reason: str) -> None:
         """Drop what is queued and close now (slow consumer, expiry, abuse)."""
-        if self._closed:
+        if not self.outbox.abort():
             return
-        self._closed = True
-        if self._outbox is not None:
-            self._outbox.clear()
         self._on_abort(self)  # stop fan-out to it now, not when its TCP connection ends
-        if self.writer is not None:
-            # The writer may be stuck in a send to a client that does not read; a frame
-            # already handed to the transport stays whole, so cancelling it is safe.
-            self.writer.cancel()
         asyncio.get_running_loop().create_task(_close(self.websocket, code, reason))
 
 
@@ -180,11 +150,11 @@ def _resumed(conn: PlainConnection, task: asyncio.Task[Any]) -> None:
         return
     exc = task.exception()
     if isinstance(exc, ProtocolError):
-        conn.enqueue(error_message(exc))
+        conn.send_error(exc)
     elif exc is not None:
         log.error("resume failed on %s", conn.connection_id, exc_info=exc)
-        conn.enqueue(error_message(ProtocolError("the resume failed; live events continue",
-                                                 code="history_unavailable")))
+        conn.send_error(ProtocolError("the resume failed; live events continue",
+                                      code=ErrorCode.HISTORY_UNAVAILABLE))
     else:
         conn.send_control("resumed", task.result().message())
 
@@ -198,7 +168,7 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 class PlainTransport:
     """The ``/ws/events`` endpoint of one hub instance."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Services) -> None:
         self.hub = hub
         self.connections: set[PlainConnection] = set()
 
@@ -214,7 +184,8 @@ class PlainTransport:
                 user: str | None = hub.verifier.verify(token_from_headers(headers)).user_id
             except AuthError:
                 user = None
-            await self._refuse(websocket, "origin_not_allowed", "origin not allowed", user)
+            await self._refuse(websocket, ErrorCode.ORIGIN_NOT_ALLOWED, "origin not allowed",
+                               user)
             return
         try:
             principal = hub.verifier.verify(token_from_headers(headers))
@@ -256,20 +227,21 @@ class PlainTransport:
         hub.metrics.connections.labels(conn.transport).inc()
         hub.metrics.frame_path.labels(conn.transport, conn.frame_path).inc()
         hub.dispatcher.add(conn)
-        conn.enqueue(control("connection_established", {
+        conn.send_control("connection_established", {
             "user_id": principal.user_id,
             "connection_id": conn.connection_id,
             "instance_id": hub.settings.instance_id,
             "event_types": hub.dispatcher.subscribed_to(conn),
-        }))
-        expiry = self._schedule_expiry(conn)
+        })
+        expiry = schedule_expiry(principal, hub.verifier.leeway, lambda: conn.abort(
+            CloseCode.UNAUTHORIZED, "token expired"))
         try:
             last_event_id = websocket.headers.get("last-event-id")
             if last_event_id:
                 try:
                     self._resume(conn, last_event_id)
                 except ProtocolError as exc:
-                    conn.enqueue(error_message(exc))
+                    conn.send_error(exc)
             else:
                 # Until its first message: it may be a subscribe that resumes.
                 conn.hold_for_first_message(hub.settings.resume_hold_s)
@@ -282,28 +254,17 @@ class PlainTransport:
             hub.dispatcher.remove(conn)
             self.connections.discard(conn)
             hub.metrics.connections.labels(conn.transport).dec()
-            writer = conn.writer
+            writer = conn.outbox.writer
             if writer is not None:
-                if not writer.done() and conn._close_after_flush is None:
+                if not writer.done() and not conn.outbox.closing_after_flush:
                     writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
 
-    def _schedule_expiry(self, conn: PlainConnection) -> asyncio.TimerHandle | None:
-        expires_at = conn.principal.expires_at
-        if expires_at is None:
-            return None
-        delay = max(0.0, expires_at + self.hub.verifier.leeway - time.time())
-        return asyncio.get_running_loop().call_later(
-            delay, conn.abort, CloseCode.UNAUTHORIZED, "token expired")
-
     def _slow(self, conn: PlainConnection) -> None:
-        metrics = self.hub.metrics
-        metrics.slow_consumers.labels(conn.transport).inc()
         # What it had queued and the event that overflowed it are discarded with it.
-        metrics.dropped.labels("slow_consumer").inc(conn.queued + 1)
-        log.warning("closing slow consumer %s (user %s)", conn.connection_id,
-                    conn.principal.user_id)
+        count_slow(self.hub.metrics, log, conn.transport, conn.connection_id,
+                   conn.principal.user_id, conn.queued + 1)
 
     async def _read(self, websocket: WebSocket, conn: PlainConnection) -> None:
         settings = self.hub.settings
@@ -321,8 +282,8 @@ class PlainTransport:
                 try:
                     text = data.decode()
                 except UnicodeDecodeError:
-                    conn.enqueue(error_message(ProtocolError(
-                        "binary frames must hold UTF-8 JSON", code="invalid_json")))
+                    conn.send_error(ProtocolError(
+                        "binary frames must hold UTF-8 JSON", code=ErrorCode.INVALID_JSON))
                     continue
             if len(text) > settings.max_message_bytes:
                 conn.abort(CloseCode.MESSAGE_TOO_BIG, "message too big")
@@ -333,21 +294,21 @@ class PlainTransport:
             try:
                 await self._handle(conn, parse_client_message(text))
             except ProtocolError as exc:
-                conn.enqueue(error_message(exc))
+                conn.send_error(exc)
             finally:
                 conn.first_message_seen()
 
     async def _handle(self, conn: PlainConnection, message: ClientMessage) -> None:
         dispatcher = self.hub.dispatcher
         if message.action is Action.PING:
-            conn.enqueue(control("pong"))
+            conn.send_control("pong", {})
             return
         types = dispatcher.check_types(message.event_types)
         if message.action is Action.SUBSCRIBE:
             dispatcher.subscribe(conn, types)
         else:
             dispatcher.unsubscribe(conn, types)
-        conn.enqueue(control("subscription_updated", dispatcher.subscription_reply(conn, types)))
+        conn.send_control("subscription_updated", dispatcher.subscription_reply(conn, types))
         if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
             self._resume(conn, message.last_event_id)
 
@@ -362,6 +323,6 @@ class PlainTransport:
         """Flush every outbox, then close each connection with 1001."""
         for conn in tuple(self.connections):
             conn.close_after_flush(CloseCode.GOING_AWAY, "server shutting down")
-        writers = [c.writer for c in self.connections if c.writer is not None]
+        writers = [w for c in self.connections if (w := c.outbox.writer) is not None]
         if writers:
             await asyncio.wait(writers, timeout=self.hub.settings.shutdown_timeout_s)

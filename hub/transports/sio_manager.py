@@ -1,4 +1,6 @@
-"""What hub adds to python-socketio's client managers.
+"""python-socketio's client managers as hub runs them, on the Socket.IO side: a backend
+knows nothing of them. :func:`manager_for` builds the one for an instance: in-process, or
+python-socketio's Redis manager on the backend's Redis client when there is one.
 
 python-socketio's ``AsyncManager.emit`` encodes a packet once but then starts one task per
 recipient and awaits them all; with thousands of sockets that is most of the cost of a
@@ -14,10 +16,13 @@ python-socketio's own per-recipient path, are refused when they carry a tenant.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+import socketio
 from engineio import packet as eio_packet
+from redis import asyncio as aioredis
 from socketio import packet as sio_packet
 
 from hub._compat import engineio as eio_compat
@@ -125,3 +130,66 @@ class ConnectHookMixin:
         if self.on_connected is not None and namespace == "/":
             self.on_connected(sid)
         return result
+
+
+class MemoryManager(ConnectHookMixin, FastEmitMixin, socketio.AsyncManager):  # type: ignore[misc]
+    """python-socketio's in-process manager with hub's encode-once emit."""
+
+
+class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ignore[misc]
+    """python-socketio's Redis manager on hub's Redis client, with the encode-once emit."""
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        super().__init__(channel=channel)
+        self._client = client
+
+    def _redis_connect(self) -> None:
+        # python-socketio calls this again after each lost connection: keep the one PubSub
+        # (it reconnects and subscribes again itself); a new one each time would strand
+        # the old one's pool connection.
+        self.redis = self._client
+        if getattr(self, "pubsub", None) is None:
+            self.pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
+
+    async def _listen(self) -> Any:
+        # The host's client may decode responses, so the channel may be str or bytes.
+        async for message in self._redis_listen_with_retries():
+            if message.get("type") == "message" and _str(message["channel"]) == self.channel:
+                yield message["data"]
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        if message.get("callback") is not None or message.get("binary"):
+            if not refuse_tenant_emit(message.get("event"), message.get("data")):
+                await super()._handle_emit(message)
+            return
+        data = message["data"]
+        if isinstance(data, list):
+            data = data[0] if len(data) == 1 else tuple(data)
+        local_emit(
+            self,
+            message["event"], data, message.get("namespace") or "/",
+            message.get("room"), message.get("skip_sid"),
+        )
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def manager_for(redis: Any, channel: str) -> Any:
+    """The manager of an instance whose backend uses ``redis`` (None: in-process)."""
+    if redis is None:
+        return MemoryManager()
+    return HubRedisManager(redis, channel)
+
+
+async def close_manager(manager: Any) -> None:
+    """Stop a Redis manager's listener and release its PubSub (before the client closes)."""
+    thread = getattr(manager, "thread", None)
+    if thread is not None:
+        thread.cancel()
+        await asyncio.gather(thread, return_exceptions=True)
+    pubsub: Any = getattr(manager, "pubsub", None)
+    if pubsub is not None:
+        await pubsub.aclose()

@@ -1,0 +1,183 @@
+"""The HTTP endpoints of one instance: ``POST /events``, ``GET /ws/health``, ``/metrics``,
+``/openapi.json`` and the dashboard's headers. Handlers only: hub.app wires them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from hub._version import __version__
+from hub.auth import AuthError, TokenVerifier, strip_bearer
+from hub.config import Settings
+from hub.dispatch import Dispatcher
+from hub.errors import BackendUnavailable, ErrorCode, EventError
+from hub.events import EventTypes
+from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
+from hub.metrics import Metrics
+from hub.openapi import openapi_document
+
+
+class HttpServices(Protocol):
+    """What the handlers use of their instance (hub.app.Hub provides it)."""
+
+    settings: Settings
+    metrics: Metrics
+    verifier: TokenVerifier
+    dispatcher: Dispatcher
+    idempotency: IdempotencyKeys
+    types: EventTypes
+    started_at: float | None
+
+    def connection_counts(self) -> dict[str, int]: ...
+
+
+class HttpApi:
+    """The request handlers of one instance."""
+
+    def __init__(self, services: HttpServices) -> None:
+        self.services = services
+
+    async def health(self, request: Request) -> JSONResponse:
+        hub = self.services
+        backend = hub.dispatcher.backend
+        counts = hub.connection_counts()
+        ws, sio = counts["websocket"], counts["socketio"]
+        problems = backend.problems()
+        if hub.started_at is None:
+            status, code = "unhealthy", 503
+        elif not problems:
+            status, code = "healthy", 200
+        else:
+            status, code = "degraded", 200
+        return JSONResponse({
+            "status": status,
+            "reasons": problems,
+            "active_connections": ws + sio,
+            "redis_connected": backend.name == "redis" and backend.subscribed,
+            "backend": backend.name,
+            "instance_id": hub.settings.instance_id,
+            "version": __version__,
+            "uptime_s": round(time.time() - hub.started_at, 3) if hub.started_at else 0.0,
+            "connections": {"websocket": ws, "socketio": sio},
+        }, status_code=code)
+
+    async def publish(self, request: Request) -> JSONResponse:
+        hub = self.services
+        authorization = request.headers.get("authorization", "")
+        try:
+            if authorization[:7].lower() != "bearer ":
+                # Cookies are not accepted here: a cookie-authenticated POST is open to CSRF.
+                raise AuthError("a bearer token is required", code=ErrorCode.MISSING_TOKEN)
+            principal = hub.verifier.verify(strip_bearer(authorization))
+        except AuthError as exc:
+            hub.metrics.auth_failures.labels(exc.code).inc()
+            return error_response(401, exc.code, exc.message,
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if not principal.can_publish:
+            hub.metrics.auth_failures.labels(ErrorCode.FORBIDDEN).inc()
+            return error_response(403, ErrorCode.FORBIDDEN, "this token's role may not publish")
+        idempotency_key = request.headers.get("idempotency-key")
+        scoped = None
+        if idempotency_key is not None:
+            if not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
+                return error_response(400, ErrorCode.INVALID_IDEMPOTENCY_KEY,
+                              f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+            scoped = hub.idempotency.scoped(principal.user_id, idempotency_key)
+            earlier = await hub.idempotency.recall(scoped)
+            if earlier is not None:  # a retry of a request that was answered: same reply
+                return JSONResponse({**earlier, "duplicate": True}, status_code=202)
+        limit = hub.settings.max_data_bytes + 4096  # data plus the envelope around it
+        body = bytearray()
+        async for chunk in request.stream():  # stop reading at the limit, not after it
+            body += chunk
+            if len(body) > limit:
+                return error_response(413, ErrorCode.EVENT_TOO_LARGE, "request body too large")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return error_response(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
+        if not isinstance(payload, dict):
+            return error_response(422, ErrorCode.INVALID_EVENT, "body must be a JSON object",
+                                  field="")
+        try:
+            event = await hub.dispatcher.publish(payload.get("type"), payload.get("data"))
+        except EventError as exc:
+            return error_response(422, exc.code, exc.message, field=exc.field, fields=exc.fields)
+        except BackendUnavailable as exc:
+            return error_response(503, exc.code, "the event backend is unavailable; retry later",
+                          headers={"Retry-After": "1"})
+        # durable: in Redis, shared with every instance. False: accepted into this
+        # instance's fsynced outage journal and delivered here; shared when Redis returns.
+        reply = {"id": event.id, "type": event.type, "timestamp": event.timestamp,
+                 "durable": event.shared}
+        if scoped is not None:
+            await hub.idempotency.remember(scoped, reply)
+        return JSONResponse(reply, status_code=202)
+
+    async def metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(openapi_document(__version__, self.services.types.publishable))
+
+
+
+# The dashboard runs only its own bundled script and stylesheet and talks only to the hub
+# it came from: no inline script or style, no eval, no framing by another site.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                 "img-src 'self' data:; connect-src 'self'; font-src 'self'; "
+                 "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+DASHBOARD_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-security-policy", DASHBOARD_CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+)
+
+
+class SecurityHeaders:
+    """Adds :data:`DASHBOARD_HEADERS` to every response of the wrapped ASGI app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message,
+                           "headers": [*message.get("headers", ()), *DASHBOARD_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def dashboard_redirect(request: Request) -> Response:
+    # A path, never an absolute URL built from the client's Host header (an open
+    # redirect / cache-poisoning lever); the root path keeps it right when mounted.
+    location = request.scope.get("root_path", "") + "/dashboard/"
+    return Response(status_code=307, headers={"location": location,
+                                              **{k.decode(): v.decode()
+                                                 for k, v in DASHBOARD_HEADERS}})
+
+
+def error_response(status: int, code: str, message: str, *, field: str | None = None,
+           fields: tuple[str, ...] = (), headers: dict[str, str] | None = None) -> JSONResponse:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field  # the first; "fields" lists every field at fault
+        error["fields"] = list(fields or (field,))
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
