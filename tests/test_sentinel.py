@@ -69,8 +69,8 @@ class Sentinels:
         for port in self.sentinel_ports:
             try:
                 client = redis_sync.Redis(port=port, socket_timeout=1)
-                host, master = client.execute_command("SENTINEL", "get-master-addr-by-name",
-                                                      SERVICE)
+                host, master = client.execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL", "get-master-addr-by-name", SERVICE)
                 client.close()
                 return host.decode(), int(master)
             except (redis_sync.RedisError, TypeError, ValueError):
@@ -131,8 +131,9 @@ def sentinels(tmp_path: Path) -> Iterator[Sentinels]:
         while True:
             ready = 0
             for port in group.sentinel_ports:
-                master = redis_sync.Redis(port=port, decode_responses=True).execute_command(
-                    "SENTINEL", "master", SERVICE)
+                master = redis_sync.Redis(  # type: ignore[no-untyped-call]
+                    port=port, decode_responses=True).execute_command("SENTINEL", "master",
+                                                                      SERVICE)
                 info = master if isinstance(master, dict) else dict(
                     zip(master[::2], master[1::2], strict=True))
                 ready += int(info["num-slaves"]) >= 1 and int(info["num-other-sentinels"]) >= 2
@@ -197,7 +198,8 @@ class Sio:
 def stream_ids(client: redis_sync.Redis, stream: str) -> list[str]:
     """Event ids in stream order (an event appended after an outage at a later position
     keeps its id in field ``i``; health markers carry no event)."""
-    return [fields.get("i", entry) for entry, fields in client.xrange(stream) if "e" in fields]
+    entries: list[tuple[str, dict[str, str]]] = client.xrange(stream)  # type: ignore[assignment]
+    return [fields.get("i", entry) for entry, fields in entries if "e" in fields]
 
 
 def score(received: list[dict[str, Any]], expected: list[str],
