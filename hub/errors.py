@@ -60,6 +60,8 @@ class ErrorCode(enum.StrEnum):
     NOT_CONNECTED = "not_connected"
     RATE_LIMITED = "rate_limited"
     INVALID_FILTER = "invalid_filter"
+    INVALID_PARAMETER = "invalid_parameter"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     # publishing and requests
     EVENT_TOO_LARGE = "event_too_large"
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"

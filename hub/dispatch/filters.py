@@ -195,3 +195,32 @@ def is_filter_param(key: str) -> bool:
 
 def passes(flt: EventFilter | None, event: Event) -> bool:
     return flt is None or flt.matches(event)
+
+
+def split_params(pairs: Iterable[tuple[str, str]], names: Iterable[str]
+                 ) -> tuple[dict[str, str], EventFilter | None]:
+    """Query parameters of ``GET /events`` and ``/events/stream``: the plain ones among
+    ``names`` (each at most once) and the filter. Any other parameter is refused
+    (``invalid_parameter``): a mistyped filter must not silently widen the stream."""
+    allowed = set(names)
+    plain: dict[str, str] = {}
+    filter_pairs: list[tuple[str, str]] = []
+    for key, value in pairs:
+        if is_filter_param(key):
+            filter_pairs.append((key, value))
+        elif key in allowed and key not in plain:
+            plain[key] = value
+        else:
+            known = ", ".join(sorted(allowed | {MIN_SEVERITY, DATA_PREFIX + "FIELD"}))
+            raise ProtocolError(f"unknown or repeated query parameter {key[:64]!r}; "
+                                f"known: {known}", code=ErrorCode.INVALID_PARAMETER)
+    return plain, parse_query(filter_pairs)
+
+
+def parse_types(value: str) -> list[str]:
+    """``types=a,b``: the names (non-empty, comma-separated)."""
+    names = value.split(",")
+    if not all(names):
+        raise ProtocolError("types must list event type names, comma-separated",
+                            code=ErrorCode.INVALID_EVENT_TYPES)
+    return names
