@@ -14,7 +14,9 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
             "title": "hub",
             "version": version,
             "description": "Real-time event hub. Live events stream over the WebSocket "
-                           "endpoint /ws/events and Socket.IO at /socket.io/ (see README).",
+                           "endpoint /ws/events and Socket.IO at /socket.io/ (see README), "
+                           "and as Server-Sent Events at /events/stream; GET /events "
+                           "reads the history.",
         },
         "paths": {
             "/events": {
@@ -157,7 +159,10 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                                            "data": {"type": "object"}}}},
                         "truncated": {"type": "boolean", "description":
                                       "events after `after` were dropped from retention"},
-                        "first_retained_id": {"type": ["string", "null"]},
+                        "first_retained_id": {"type": ["string", "null"], "description":
+                                              "with `after`: the oldest retained id, when "
+                                              "truncated (else null); without: the oldest "
+                                              "retained id"},
                         "next_after": {"type": ["string", "null"], "description":
                                        "pass as `after` for what follows this page"},
                         "more": {"type": "boolean", "description":

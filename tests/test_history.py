@@ -28,6 +28,7 @@ async def test_latest_limit_events_oldest_first(any_hub: RunningHub) -> None:
     assert body["events"][-1] == published[-1].envelope()
     assert body["truncated"] is False
     assert body["next_after"] == published[-1].id
+    assert body["first_retained_id"] is not None  # without after: the oldest retained
     # Polling from next_after gives only what came after.
     later = await any_hub.publish("threat_detected", THREAT)
     body = (await get(any_hub, {"after": body["next_after"]})).json()
@@ -52,6 +53,7 @@ async def test_pages_forward_from_after(any_hub: RunningHub) -> None:
             break
     assert seen == [e.id for e in published[1:]]
     assert body["truncated"] is False
+    assert body["first_retained_id"] is None  # null unless truncated, on both backends
 
 
 async def test_types_filters_and_tenant_apply(any_hub: RunningHub) -> None:

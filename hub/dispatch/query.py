@@ -59,7 +59,10 @@ async def read_history(backend: Backend, *, after: str | None, limit: int,
     while len(found) < limit and scanned < MAX_SCAN:
         history = await _retry(backend.history, cursor, PAGE)
         if first:
-            truncated, first_retained, first = history.truncated, history.first_retained, False
+            # first_retained_id only with truncated (as a resume's ``resumed``): the
+            # backends know the oldest retained id for certain only then.
+            truncated, first = history.truncated, False
+            first_retained = history.first_retained if truncated else None
         for event in history.events:
             if accept(event):
                 found.append(event)
