@@ -37,6 +37,7 @@ from hub.refusals import RefusalTracker
 from hub.transports.frames import COALESCER_KEY, SEND_KEY, WriteCoalescer
 from hub.transports.sio_manager import close_manager, manager_for
 from hub.transports.socketio import SocketIOTransport
+from hub.transports.sse import SseTransport
 from hub.transports.websocket import PlainTransport
 
 log = logging.getLogger("hub")
@@ -75,6 +76,7 @@ class Hub:
         self.sio_manager = manager_for(getattr(backend, "redis", None),
                                        settings.socketio_channel)
         self.socketio = SocketIOTransport(self, self.sio_manager)
+        self.sse = SseTransport(self)
         self.http = HttpApi(self)
         self.started_at: float | None = None
         self._drained = False
@@ -137,7 +139,8 @@ class Hub:
         if event is not None:
             await self.dispatcher.wait_delivered(event, timeout=2.0)
         self.dispatcher.release_holds()
-        await asyncio.gather(self.websocket.shutdown(), self.socketio.shutdown())
+        await asyncio.gather(self.websocket.shutdown(), self.socketio.shutdown(),
+                             self.sse.shutdown())
 
     async def stop(self) -> None:
         await self.drain()
@@ -161,7 +164,8 @@ class Hub:
 
     def connection_counts(self) -> dict[str, int]:
         return {"websocket": len(self.websocket.connections),
-                "socketio": len(self.socketio.connections)}
+                "socketio": len(self.socketio.connections),
+                "sse": len(self.sse.connections)}
 
 
 class HubApp(Starlette):
@@ -176,6 +180,10 @@ class HubApp(Starlette):
             if path.startswith("/socket.io") and not self.hub.origins.allows_scope(scope):
                 # The same check as /ws/events, before python-socketio sees the request.
                 await self._refuse_origin(scope, send)
+                return
+            if path == "/events/stream" and scope["type"] == "http":
+                # Straight to the endpoint, with the server's own send (see hub.transports.sse).
+                await self.hub.sse.asgi(scope, receive, send)
                 return
         if scope["type"] == "websocket":
             # Before any middleware wraps it: the server's own send, for direct frame
@@ -227,6 +235,7 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
         WebSocketRoute("/ws/events", hub.websocket.endpoint),
         Route("/ws/health", hub.http.health, methods=["GET"]),
         Route("/events", hub.http.publish, methods=["POST"]),
+        Route("/events", hub.http.history, methods=["GET"]),
         Route("/metrics", hub.http.metrics, methods=["GET"]),
         Route("/openapi.json", hub.http.openapi, methods=["GET"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),

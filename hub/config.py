@@ -93,6 +93,11 @@ class Settings:
     history_concurrency: int = 8
     redis_max_connections: int = 100
     resume_hold_s: float = 1.0
+    # Server-Sent Events (GET /events/stream): a comment line this often keeps proxies
+    # and clients from timing the stream out; the retry: hint tells EventSource how long
+    # to wait before it reconnects (milliseconds).
+    sse_heartbeat_s: float = 15.0
+    sse_retry_ms: int = 3_000
     # -- hardening (README "Security") ---------------------------------------------------
     # Request line plus headers, and how many headers: larger requests get 431 at once.
     max_header_bytes: int = 32 * 1024
@@ -204,7 +209,7 @@ class Settings:
                      "max_connections_per_user", "refusal_limit",
                      "history_concurrency", "redis_max_connections", "max_header_bytes",
                      "max_headers", "max_pending_connections", "max_pending_per_address",
-                     "journal_max_events"):
+                     "journal_max_events", "sse_heartbeat_s", "sse_retry_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",

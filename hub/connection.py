@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from hub.auth import OriginPolicy, TokenVerifier
     from hub.config import Settings
     from hub.dispatch.dispatcher import Dispatcher
+    from hub.dispatch.filters import EventFilter
     from hub.limits import ConnectionLimits
     from hub.metrics import Metrics
     from hub.refusals import RefusalTracker
@@ -272,6 +273,9 @@ class Subscriber(abc.ABC):
         self.principal = principal
         # None: no subscribe yet, every type is delivered (the spec's default).
         self.types: set[str] | None = None
+        # A server-side filter (hub.dispatch.filters): narrows what the types and the
+        # tenant let through, for live events and replays alike. None: no filter.
+        self.filter: EventFilter | None = None
         self.state = SubscriberState.LIVE
         self._held: list[Event] = []
         self.held_overflow = False  # held events were dropped: the replay must re-read
@@ -307,6 +311,11 @@ class Subscriber(abc.ABC):
                 # Bounded: drop what is held; the replay fetches it from the history.
                 self._held = []
                 self.held_overflow = True
+
+    def accepts(self, event: Event) -> bool:
+        """Whether its filter lets ``event`` through (no filter: every event)."""
+        flt = self.filter
+        return flt is None or flt.matches(event)
 
     def was_sent(self, event: Event) -> bool:
         """Whether ``event`` already reached this connection live."""

@@ -59,6 +59,9 @@ class ErrorCode(enum.StrEnum):
     HISTORY_UNAVAILABLE = "history_unavailable"
     NOT_CONNECTED = "not_connected"
     RATE_LIMITED = "rate_limited"
+    INVALID_FILTER = "invalid_filter"
+    INVALID_PARAMETER = "invalid_parameter"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     # publishing and requests
     EVENT_TOO_LARGE = "event_too_large"
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"

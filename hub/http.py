@@ -12,11 +12,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from hub._version import __version__
-from hub.auth import AuthError, TokenVerifier, strip_bearer
+from hub.auth import (
+    AuthError,
+    OriginPolicy,
+    Principal,
+    TokenVerifier,
+    strip_bearer,
+    token_from_headers,
+)
 from hub.config import Settings
 from hub.dispatch import Dispatcher
-from hub.errors import BackendUnavailable, ErrorCode, EventError
-from hub.events import EventTypes
+from hub.dispatch.filters import parse_types, split_params
+from hub.dispatch.query import read_history
+from hub.errors import BackendUnavailable, ErrorCode, EventError, ProtocolError
+from hub.events import Event, EventTypes, is_event_id
 from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
@@ -28,6 +37,7 @@ class HttpServices(Protocol):
     settings: Settings
     metrics: Metrics
     verifier: TokenVerifier
+    origins: OriginPolicy
     dispatcher: Dispatcher
     idempotency: IdempotencyKeys
     types: EventTypes
@@ -46,7 +56,7 @@ class HttpApi:
         hub = self.services
         backend = hub.dispatcher.backend
         counts = hub.connection_counts()
-        ws, sio = counts["websocket"], counts["socketio"]
+        ws, sio, sse = counts["websocket"], counts["socketio"], counts.get("sse", 0)
         problems = backend.problems()
         if hub.started_at is None:
             status, code = "unhealthy", 503
@@ -57,13 +67,13 @@ class HttpApi:
         return JSONResponse({
             "status": status,
             "reasons": problems,
-            "active_connections": ws + sio,
+            "active_connections": ws + sio + sse,
             "redis_connected": backend.name == "redis" and backend.subscribed,
             "backend": backend.name,
             "instance_id": hub.settings.instance_id,
             "version": __version__,
             "uptime_s": round(time.time() - hub.started_at, 3) if hub.started_at else 0.0,
-            "connections": {"websocket": ws, "socketio": sio},
+            "connections": {"websocket": ws, "socketio": sio, "sse": sse},
         }, status_code=code)
 
     async def publish(self, request: Request) -> JSONResponse:
@@ -119,6 +129,40 @@ class HttpApi:
             await hub.idempotency.remember(scoped, reply)
         return JSONResponse(reply, status_code=202)
 
+    async def history(self, request: Request) -> JSONResponse:
+        """``GET /events``: retained events, oldest first, with the selection a live
+        connection of this token has (tenant, ``types``, the filter)."""
+        hub = self.services
+        refused = authenticate(hub, request.scope, request.headers)
+        if isinstance(refused, JSONResponse):
+            return refused
+        principal = refused
+        try:
+            params, flt = split_params(request.query_params.multi_items(),
+                                       ("after", "types", "limit"))
+            after = params.get("after")
+            if after is not None and not is_event_id(after):
+                raise ProtocolError("after must be an event id like 1700000000000-0",
+                                    code=ErrorCode.INVALID_LAST_EVENT_ID)
+            limit = _limit(params.get("limit"))
+            types = (set(hub.dispatcher.check_types(parse_types(params["types"])))
+                     if "types" in params else None)
+        except ProtocolError as exc:
+            return error_response(400, exc.code, exc.message)
+
+        def accept(event: Event) -> bool:
+            return ((types is None or event.type in types)
+                    and principal.may_see(event.tenant)
+                    and (flt is None or flt.matches(event)))
+        try:
+            page = await read_history(hub.dispatcher.backend, after=after, limit=limit,
+                                      accept=accept)
+        except BackendUnavailable:
+            return error_response(503, ErrorCode.HISTORY_UNAVAILABLE,
+                                  "history is unavailable right now; retry later",
+                                  headers={"Retry-After": "1"})
+        return JSONResponse(page.body(), headers={"cache-control": "no-store"})
+
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -170,6 +214,40 @@ async def dashboard_redirect(request: Request) -> Response:
     return Response(status_code=307, headers={"location": location,
                                               **{k.decode(): v.decode()
                                                  for k, v in DASHBOARD_HEADERS}})
+
+
+HISTORY_LIMIT_DEFAULT = 100
+HISTORY_LIMIT_MAX = 1000
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return HISTORY_LIMIT_DEFAULT
+    if not value.isdigit() or not 1 <= int(value) <= HISTORY_LIMIT_MAX:
+        raise ProtocolError(f"limit must be an integer from 1 to {HISTORY_LIMIT_MAX}",
+                            code=ErrorCode.INVALID_PARAMETER)
+    return int(value)
+
+
+class _AuthServices(Protocol):
+    metrics: Metrics
+    verifier: TokenVerifier
+    origins: OriginPolicy
+
+
+def authenticate(hub: _AuthServices, scope: Scope, headers: Any) -> Principal | JSONResponse:
+    """A GET endpoint's caller (``Authorization: Bearer`` or the ``ks_access_token``
+    cookie, under the Origin rules of the WebSocket transports): its principal, or the
+    401/403 answer. Read-only endpoints take the cookie (what EventSource sends)."""
+    if not hub.origins.allows_scope(scope):
+        hub.metrics.auth_failures.labels(ErrorCode.ORIGIN_NOT_ALLOWED).inc()
+        return error_response(403, ErrorCode.ORIGIN_NOT_ALLOWED, "origin not allowed")
+    try:
+        return hub.verifier.verify(token_from_headers(headers))
+    except AuthError as exc:
+        hub.metrics.auth_failures.labels(exc.code).inc()
+        return error_response(401, exc.code, exc.message,
+                              headers={"WWW-Authenticate": "Bearer"})
 
 
 def error_response(status: int, code: str, message: str, *, field: str | None = None,

@@ -14,7 +14,9 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
             "title": "hub",
             "version": version,
             "description": "Real-time event hub. Live events stream over the WebSocket "
-                           "endpoint /ws/events and Socket.IO at /socket.io/ (see README).",
+                           "endpoint /ws/events and Socket.IO at /socket.io/ (see README), "
+                           "and as Server-Sent Events at /events/stream; GET /events "
+                           "reads the history.",
         },
         "paths": {
             "/events": {
@@ -45,6 +47,65 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                         "503": {"description": "Backend (Redis) unavailable; retry",
                                 "content": {"application/json": {"schema": error}}},
                     },
+                },
+                "get": {
+                    "summary": "Retained events (history), oldest first, filtered like a "
+                               "live connection of this token",
+                    "operationId": "eventHistory",
+                    "security": [{"bearer": []}, {"cookie": []}],
+                    "parameters": _history_parameters(),
+                    "responses": {
+                        "200": {"description": "A page of the history",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/HistoryPage"}}}},
+                        "400": {"description": "Malformed parameter (`invalid_filter`, "
+                                               "`invalid_parameter`, "
+                                               "`invalid_last_event_id`, "
+                                               "`invalid_event_types`)",
+                                "content": {"application/json": {"schema": error}}},
+                        "401": {"description": "Missing or invalid token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Origin not allowed",
+                                "content": {"application/json": {"schema": error}}},
+                        "503": {"description": "History unavailable; retry",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                },
+            },
+            "/events/stream": {
+                "get": {
+                    "summary": "Live events as Server-Sent Events (text/event-stream)",
+                    "description": "Each event: `id: <event id>`, `event: <type>`, "
+                                   "`data: <envelope JSON>`. Hub messages "
+                                   "(connection_established, resumed, history_truncated, "
+                                   "token_expired) are events of those names without an id. "
+                                   "A comment line is sent as a heartbeat. Resumes from the "
+                                   "Last-Event-ID header or `last_event_id`.",
+                    "operationId": "eventStream",
+                    "security": [{"bearer": []}, {"cookie": []}],
+                    "parameters": [
+                        *[p for p in _history_parameters()
+                          if p["name"] not in ("after", "limit")],
+                        {"name": "last_event_id", "in": "query",
+                         "schema": {"type": "string"},
+                         "description": "Resume after this id (as the header)"},
+                        {"name": "Last-Event-ID", "in": "header",
+                         "schema": {"type": "string"},
+                         "description": "Resume after this id (EventSource sends it)"},
+                    ],
+                    "responses": {
+                        "200": {"description": "The stream",
+                                "content": {"text/event-stream": {"schema": {
+                                    "type": "string"}}}},
+                        "400": {"description": "Malformed parameter",
+                                "content": {"application/json": {"schema": error}}},
+                        "401": {"description": "Missing or invalid token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Origin not allowed",
+                                "content": {"application/json": {"schema": error}}},
+                        "503": {"description": "Connection limit reached; retry",
+                                "content": {"application/json": {"schema": error}}},
+                    },
                 }
             },
             "/ws/health": {
@@ -73,7 +134,9 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "bearerFormat": "JWT"}},
+                                           "bearerFormat": "JWT"},
+                                "cookie": {"type": "apiKey", "in": "cookie",
+                                           "name": "ks_access_token"}},
             "schemas": {
                 "PublishRequest": {
                     "type": "object",
@@ -82,6 +145,28 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                         "type": {"type": "string", "enum": list(event_types)},
                         "data": {"type": "object", "additionalProperties": True},
                         "timestamp": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "HistoryPage": {
+                    "type": "object",
+                    "required": ["events", "truncated", "first_retained_id", "next_after"],
+                    "properties": {
+                        "events": {"type": "array", "items": {
+                            "type": "object", "required": ["id", "type", "timestamp", "data"],
+                            "properties": {"id": {"type": "string"},
+                                           "type": {"type": "string"},
+                                           "timestamp": {"type": "string"},
+                                           "data": {"type": "object"}}}},
+                        "truncated": {"type": "boolean", "description":
+                                      "events after `after` were dropped from retention"},
+                        "first_retained_id": {"type": ["string", "null"], "description":
+                                              "with `after`: the oldest retained id, when "
+                                              "truncated (else null); without: the oldest "
+                                              "retained id"},
+                        "next_after": {"type": ["string", "null"], "description":
+                                       "pass as `after` for what follows this page"},
+                        "more": {"type": "boolean", "description":
+                                 "with `after`: more retained events follow next_after"},
                     },
                 },
                 "Published": {
@@ -118,9 +203,28 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                         "uptime_s": {"type": "number"},
                         "connections": {"type": "object", "properties": {
                             "websocket": {"type": "integer"},
-                            "socketio": {"type": "integer"}}},
+                            "socketio": {"type": "integer"},
+                            "sse": {"type": "integer"}}},
                     },
                 },
             },
         },
     }
+
+
+def _history_parameters() -> list[dict[str, Any]]:
+    return [
+        {"name": "after", "in": "query", "schema": {"type": "string"},
+         "description": "Events after this id; without it, the latest `limit` events"},
+        {"name": "limit", "in": "query",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+        {"name": "types", "in": "query", "schema": {"type": "string"},
+         "description": "Comma-separated event types"},
+        {"name": "min_severity", "in": "query",
+         "schema": {"type": "string", "enum": ["low", "medium", "high", "critical", "info",
+                                               "warning", "error"]},
+         "description": "Per type's severity order (see README, Filters)"},
+        {"name": "data.FIELD", "in": "query", "schema": {"type": "string"},
+         "description": "A field of data and its allowed values, comma-separated "
+                        "(e.g. data.provider=openai,azure); any number of fields"},
+    ]

@@ -28,6 +28,9 @@ class ClientMessage:
     action: Action
     event_types: Any = None  # validated against the known types by the dispatcher
     last_event_id: Any = None
+    # A subscribe's "filter" (parsed by hub.dispatch.filters): whether it had the key.
+    has_filter: bool = False
+    filter: Any = None
 
 
 def parse_client_message(text: str) -> ClientMessage:
@@ -50,7 +53,9 @@ def parse_client_message(text: str) -> ClientMessage:
     if "event_types" not in message:
         raise ProtocolError(f"{action.value} needs an event_types list",
                             code=ErrorCode.INVALID_EVENT_TYPES)
-    return ClientMessage(action, message["event_types"], message.get("last_event_id"))
+    return ClientMessage(action, message["event_types"], message.get("last_event_id"),
+                         action is Action.SUBSCRIBE and "filter" in message,
+                         message.get("filter"))
 
 
 def server_message(type_: str, data: dict[str, Any] | None = None) -> str:

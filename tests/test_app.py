@@ -107,7 +107,7 @@ async def test_health_reports_connections_by_transport(memory_hub: RunningHub) -
         health = (await http.get(f"{memory_hub.url}/ws/health")).json()
     assert health["status"] == "healthy"
     assert health["active_connections"] == 2
-    assert health["connections"] == {"websocket": 1, "socketio": 1}
+    assert health["connections"] == {"websocket": 1, "socketio": 1, "sse": 0}
     assert health["redis_connected"] is False
     assert health["instance_id"] == memory_hub.hub.settings.instance_id
     assert health["version"]
@@ -120,7 +120,8 @@ async def test_openapi_documents_http_endpoints_only(memory_hub: RunningHub) -> 
     async with httpx.AsyncClient() as http:
         document = (await http.get(f"{memory_hub.url}/openapi.json")).json()
     validate(document)
-    assert set(document["paths"]) == {"/events", "/ws/health", "/metrics"}
+    assert set(document["paths"]) == {"/events", "/events/stream", "/ws/health", "/metrics"}
+    assert set(document["paths"]["/events"]) == {"get", "post"}
     assert "/ws/events" not in document["paths"]
     assert "/socket.io/" not in document["paths"]
 

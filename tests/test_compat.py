@@ -128,6 +128,29 @@ async def test_uvicorn_abort_ends_the_connection(memory_hub: RunningHub) -> None
     del ws
 
 
+async def test_uvicorn_http_send_is_the_request_cycle_with_a_transport(
+        memory_hub: RunningHub) -> None:
+    """hub.transports.sse drops a slow consumer's connection through the HTTP send's
+    ``RequestResponseCycle.transport`` (hub._compat.uvicorn.abort_http)."""
+    from tests.sse_helpers import sse_connect
+
+    async with sse_connect(memory_hub.url, make_token()) as stream:
+        await stream.next_event("connection_established")
+        (conn,) = memory_hub.hub.sse.connections
+        send = conn._raw_send
+        cycle: Any = getattr(send, "__self__", None)
+        expect(type(cycle).__name__ == uvicorn_compat.HTTP_CYCLE_CLASS, "uvicorn",
+               "an HTTP request's send is RequestResponseCycle.send")
+        expect(cycle.disconnected is False, "uvicorn", "the cycle has disconnected (False)")
+        transport = uvicorn_compat.http_transport(send)
+        expect(transport is not None and callable(getattr(transport, "abort", None)),
+               "uvicorn", "the cycle's transport has abort()")
+        expect(uvicorn_compat.abort_http(send), "uvicorn", "abort_http drops it")
+        await wait_until(lambda: cycle.disconnected, what="uvicorn to see it lost")
+        with pytest.raises(httpx.RemoteProtocolError):  # cut mid-body, as a drop is
+            await stream.next()
+
+
 # -- python-engineio --------------------------------------------------------------------
 async def test_engineio_socket_send_only_queues() -> None:
     server = engineio.AsyncServer(async_mode="asgi")

@@ -11,6 +11,7 @@ nginx is Debian's package (``apt-get install -y nginx``); without it these tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from tests.conftest import (
     stop_process,
 )
 from tests.helpers import THREAT, close_code, recv_json, recv_type, send_json, ws_connect
+from tests.sse_helpers import SseStream, sse_connect
 
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
@@ -182,7 +184,8 @@ def test_compose_file_structure() -> None:
 
 def test_nginx_conf_routes() -> None:
     conf = NGINX_CONF.read_text()
-    for location in ("location = /ws/events", "location /socket.io/"):
+    for location in ("location = /ws/events", "location /socket.io/",
+                     "location = /events/stream"):
         body = conf.split(location, 1)[1].split("}", 1)[0]
         assert "proxy_read_timeout 3600s" in body, location
         assert "proxy_buffering off" in body, location
@@ -390,6 +393,41 @@ class SioClient:
         await self.http.close()
 
 
+class SseClient:
+    """An SSE stream through nginx (``types=TYPE``), reconnected as EventSource does:
+    with Last-Event-ID, the last id it saw."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.received: list[str] = []
+        self.instance_id = ""
+        self._stack = contextlib.AsyncExitStack()
+        self.stream: SseStream | None = None
+
+    async def connect(self) -> None:
+        await self._stack.aclose()
+        self._stack = contextlib.AsyncExitStack()
+        headers = {"last-event-id": self.received[-1]} if self.received else None
+        self.stream = await self._stack.enter_async_context(sse_connect(
+            self.topo.url, make_token("sse"), params={"types": TYPE}, headers=headers))
+        hello = await self.stream.next_event("connection_established")
+        self.instance_id = hello.json["data"]["instance_id"]
+
+    async def expect(self, event_id: str) -> None:
+        assert self.stream is not None
+        event = await self.stream.next_event(TYPE)
+        assert event.id is not None
+        self.received.append(event.id)
+        assert event.id == event_id
+
+    async def ended(self) -> None:
+        assert self.stream is not None
+        assert await self.stream.next(timeout=10) is None
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
 async def socketio_counts(topo: Topology) -> dict[str, int]:
     counts = {}
     async with httpx.AsyncClient() as http:
@@ -447,6 +485,16 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
     browser = await plain_client(topo, additional_headers={"Origin": topo.url})
     plain.append(browser)
 
+    # SSE streams: balanced like plain WebSockets, until both replicas hold one.
+    sse: list[SseClient] = []
+    for _ in range(10):
+        stream = SseClient(topo)
+        await stream.connect()
+        sse.append(stream)
+        if {c.instance_id for c in sse} == set(topo.instance_ids.values()):
+            break
+    assert {c.instance_id for c in sse} == set(topo.instance_ids.values())
+
     # Socket.IO clients, long-polling and WebSocket: nginx picks the replica by client
     # address, so connect from successive loopback addresses until both are covered.
     address = iter(f"127.0.0.{n}" for n in range(2, 250))
@@ -467,7 +515,7 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
     # An event published on either replica reaches every client on both, once.
     first = await publish(topo, services[0])
     second = await publish(topo, services[1])
-    everyone: list[PlainClient | SioClient] = [*plain, *sio_clients]
+    everyone: list[PlainClient | SioClient | SseClient] = [*plain, *sio_clients, *sse]
     for member in everyone:
         await member.expect(first)
         await member.expect(second)
@@ -478,8 +526,12 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
     on_victim_plain = [c for c in plain if topo.service_of(c.instance_id) == victim]
     on_victim_sio = [c for c in sio_clients if c.service == victim]
     assert on_victim_plain and on_victim_sio
+    on_victim_sse = [c for c in sse if topo.service_of(c.instance_id) == victim]
+    assert on_victim_sse
     stop_process(topo.hubs[victim].process)
     topo.stopped.add(victim)
+    for sse_client in on_victim_sse:
+        await sse_client.ended()  # the drain ends the response after the flush
     for plain_client_ in on_victim_plain:
         assert (await close_code(plain_client_.ws))[0] == 1001
     for sio_client in on_victim_sio:
@@ -493,6 +545,18 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
     for sio_client in [c for c in sio_clients if c not in on_victim_sio]:
         for event_id in missed:
             await sio_client.expect(event_id)
+    for sse_client in sse:
+        if sse_client not in on_victim_sse:
+            for event_id in missed:
+                await sse_client.expect(event_id)
+            continue
+        await sse_client.connect()  # through nginx, to the survivor, with Last-Event-ID
+        assert sse_client.instance_id == topo.instance_ids[survivor]
+        for event_id in missed:
+            await sse_client.expect(event_id)
+        assert sse_client.stream is not None
+        sse_resumed = await sse_client.stream.next_event("resumed")
+        assert sse_resumed.json["data"]["replayed"] == len(missed)
 
     for old in on_victim_plain:
         ws = await ws_connect(topo.ws_url, make_token("plain"))
@@ -528,6 +592,8 @@ async def test_through_nginx_events_reach_both_replicas_and_failover_loses_nothi
 
     for plain_member in plain:
         await plain_member.ws.close()
+    for sse_client in sse:
+        await sse_client.close()
 
 
 def test_render_nginx_replaces_every_service_host(tmp_path: Path) -> None:

@@ -50,3 +50,33 @@ def abort(protocol: Any) -> None:
     even when the peer stopped reading (uvicorn's close would wait for that flush)."""
     if not protocol.disconnected:
         protocol.transport.abort()
+
+
+# -- HTTP responses (Server-Sent Events) -----------------------------------------------
+# Assumed (tests/test_compat.py): the raw ASGI ``send`` of an HTTP request is the bound
+# method ``RequestResponseCycle.send`` (httptools or h11), whose ``transport`` is the
+# connection's asyncio transport and ``disconnected`` whether it is gone.
+HTTP_CYCLE_CLASS = "RequestResponseCycle"
+
+
+def http_transport(send: Any) -> Any | None:
+    """The asyncio transport behind an HTTP request's raw ASGI ``send``; None under
+    another server or behind middleware that wrapped ``send``."""
+    cycle: Any = getattr(send, "__self__", None)
+    if cycle is None or type(cycle).__name__ != HTTP_CYCLE_CLASS:
+        return None
+    transport = getattr(cycle, "transport", None)
+    if transport is None or not hasattr(transport, "abort") or not hasattr(cycle,
+                                                                            "disconnected"):
+        return None
+    return transport
+
+
+def abort_http(send: Any) -> bool:
+    """Drop an HTTP response's connection now (a slow Server-Sent Events client): what it
+    never read is discarded and uvicorn sees the connection lost. False where it cannot."""
+    transport = http_transport(send)
+    if transport is None:
+        return False
+    transport.abort()
+    return True

@@ -28,6 +28,10 @@ class History:
     # last entry read (past entries skipped as malformed), where the next page starts.
     more: bool = False
     last_id: str | None = None
+    # For :meth:`Backend.latest` (a page read backwards): ``more`` says older entries
+    # exist, ``last_id`` is the oldest entry read (the next page ends before it) and
+    # ``head_id`` the newest one.
+    head_id: str | None = None
 
 
 class Backend(abc.ABC):
@@ -53,6 +57,11 @@ class Backend(abc.ABC):
     async def history(self, after: str, limit: int | None = None) -> History:
         """Retained events with an id greater than ``after``, oldest first; at most
         ``limit`` of them (a page: ``more`` says whether it was cut)."""
+
+    @abc.abstractmethod
+    async def latest(self, limit: int, before: str | None = None) -> History:
+        """The newest ``limit`` retained entries (older than ``before`` when given), their
+        events oldest first: a page read backwards (``more``: older ones remain)."""
 
     @property
     @abc.abstractmethod

@@ -202,7 +202,8 @@ class Dispatcher:
         # Synchronous on purpose: no await between recipients keeps per-instance order and
         # never lets one slow client hold up the others.
         for sub in tuple(members):
-            if tenant is None or sub.principal.may_see(tenant):
+            if ((tenant is None or sub.principal.may_see(tenant))
+                    and (sub.filter is None or sub.filter.matches(event))):
                 try:
                     sub.push(event)
                 except Exception:
@@ -299,6 +300,8 @@ class Dispatcher:
         """What both transports answer a subscribe/unsubscribe: ``subscribed_to``, and
         ``unknown_event_types`` when some requested names matched no known type."""
         reply: dict[str, Any] = {"subscribed_to": self.subscribed_to(sub)}
+        if sub.filter is not None:
+            reply["filter"] = sub.filter.describe()
         unmatched = self.unmatched(requested)
         if unmatched:
             reply["unknown_event_types"] = unmatched
@@ -445,6 +448,7 @@ class Dispatcher:
             principal = sub.principal
             live_since = sub.live_since
             batch = [e for e in events if self.wants(sub, e.type) and principal.may_see(e.tenant)
+                     and sub.accepts(e)
                      and not (e.type in live_since
                               and live_since[e.type] < e.key <= sent_live_until)]
             with self._batch():  # one write per page, not one per event

@@ -61,6 +61,18 @@ class MemoryBackend(Backend):
         return History(events=events, truncated=truncated, first_retained=kept[0].id,
                        more=stop < len(kept), last_id=events[-1].id if events else None)
 
+    async def latest(self, limit: int, before: str | None = None) -> History:
+        kept = self._history
+        if not kept:
+            return History(events=(), truncated=False, first_retained=None)
+        stop = len(kept) if before is None else bisect.bisect_left(
+            kept, id_key(before), key=lambda e: e.key)
+        start = max(0, stop - limit)
+        events = list(itertools.islice(kept, start, stop))
+        return History(events=events, truncated=False, first_retained=kept[0].id,
+                       more=start > 0, last_id=events[0].id if events else None,
+                       head_id=events[-1].id if events else None)
+
     @property
     def connected(self) -> bool:
         return True

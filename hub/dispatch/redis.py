@@ -474,6 +474,28 @@ class RedisBackend(Backend):
         return History(events=events, truncated=truncated, first_retained=first_id,
                        more=more, last_id=last_id)
 
+    async def latest(self, limit: int, before: str | None = None) -> History:
+        """XREVRANGE: the newest entries first (before ``before``, exclusive), returned
+        oldest first. Health markers and malformed entries count as read, not as events."""
+        try:
+            async with self._history_slots:
+                entries = await self.redis.xrevrange(
+                    self._key, max="+" if before is None else "(" + before, min="-",
+                    count=limit + 1)
+                oldest = (await self.redis.xrange(self._key, min="-", max="+", count=1)
+                          if before is None else [])
+        except aioredis.ResponseError:
+            return History(events=(), truncated=False, first_retained=None)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"redis unavailable: {exc}") from exc
+        more = len(entries) > limit
+        entries = entries[:limit]
+        entries.reverse()
+        events = [ev for ev in map(self._decode, entries) if ev is not None]
+        return History(events=events, truncated=False, more=more,
+                       first_retained=_str(oldest[0][0]) if oldest else None,
+                       last_id=_str(entries[0][0]) if entries else None,
+                       head_id=_str(entries[-1][0]) if entries else None)
 
     async def position_of(self, event_id: str) -> str:
         """Where ``event_id`` sits in the stream: itself, except for an event appended after

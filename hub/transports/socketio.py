@@ -29,6 +29,7 @@ from hub.connection import (
     count_slow,
     schedule_expiry,
 )
+from hub.dispatch.filters import EventFilter, parse_filter
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import Event
 from hub.limits import TokenBucket
@@ -278,6 +279,7 @@ class SocketIOTransport:
         self._unbound_by_address: Counter[str] = Counter()
         self._buckets: dict[str, TokenBucket] = {}
         self._pending: dict[str, tuple[Principal, list[str] | None, Any]] = {}
+        self._filters: dict[str, EventFilter] = {}  # a pending connection's filter (auth)
         self.sio.on("connect", self._connect)
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("subscribe", self._subscribe)
@@ -505,12 +507,19 @@ class SocketIOTransport:
             except ProtocolError as exc:
                 raise socketio.exceptions.ConnectionRefusedError(
                     exc.message, {"code": exc.code}) from None
+        try:
+            flt = parse_filter(auth.get("filter"))
+        except ProtocolError as exc:
+            raise socketio.exceptions.ConnectionRefusedError(
+                exc.message, {"code": exc.code}) from None
         refusal = hub.limits.acquire(principal.user_id)
         if refusal is not None:
             self._close_after_refusal(sid)
             raise socketio.exceptions.ConnectionRefusedError(
                 refusal, {"code": CloseCode.TRY_AGAIN_LATER})
         self._pending[sid] = (principal, types, auth.get("last_event_id"))
+        if flt is not None:
+            self._filters[sid] = flt
 
     def _activate(self, sid: str) -> None:
         """Called once the client has been sent its CONNECT packet: start delivering."""
@@ -521,6 +530,7 @@ class SocketIOTransport:
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
         self._bound(eio_sid)
         conn = SocketIOConnection(self, sid, eio_sid, principal)
+        conn.filter = self._filters.pop(sid, None)
         conn._try_attach()  # connected over a WebSocket from the start (or upgraded already)
         self.connections[sid] = conn
         self._by_eio[eio_sid] = conn
@@ -542,6 +552,7 @@ class SocketIOTransport:
 
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
         pending = self._pending.pop(sid, None)
+        self._filters.pop(sid, None)
         if pending is not None:
             self.hub.limits.release(pending[0].user_id)
             return
@@ -615,7 +626,9 @@ class SocketIOTransport:
                 raise ProtocolError("subscribe takes {event_types, last_event_id?}",
                                     code=ErrorCode.NOT_AN_OBJECT)
             types = dispatcher.check_types(payload.get("event_types"))
+            flt = parse_filter(payload["filter"]) if "filter" in payload else conn.filter
             dispatcher.subscribe(conn, types)
+            conn.filter = flt
             ack: dict[str, Any] = dispatcher.subscription_reply(conn, types)
             if payload.get("last_event_id") is not None:
                 result = await self._resume(conn, payload["last_event_id"])

@@ -29,6 +29,7 @@ from hub.connection import (
     count_slow,
     schedule_expiry,
 )
+from hub.dispatch.filters import parse_filter
 from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
 from hub.limits import TokenBucket
@@ -305,7 +306,10 @@ class PlainTransport:
             return
         types = dispatcher.check_types(message.event_types)
         if message.action is Action.SUBSCRIBE:
+            # Checked before anything changes: a malformed filter changes nothing.
+            flt = parse_filter(message.filter) if message.has_filter else conn.filter
             dispatcher.subscribe(conn, types)
+            conn.filter = flt
         else:
             dispatcher.unsubscribe(conn, types)
         conn.send_control("subscription_updated", dispatcher.subscription_reply(conn, types))
