@@ -8,7 +8,10 @@ flushed and each client closed with 1001; then uvicorn's own shutdown proceeds.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import socket
 from typing import Any
 
@@ -24,6 +27,21 @@ class HubServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: HubApp) -> None:
         super().__init__(config)
         self.hub_app = app
+        self._reloads: set[asyncio.Task[Any]] = set()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # SIGHUP: re-read key and origin files (hub.reload). Its default action would kill
+        # the process; uvicorn leaves it alone. Only the main thread may install handlers.
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError,
+                                 AttributeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        log.info("received SIGHUP, reloading keys and origins")
+        task = asyncio.ensure_future(self.hub_app.hub.reload("SIGHUP"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
