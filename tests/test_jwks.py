@@ -101,7 +101,7 @@ async def accepted(url: str, token: str) -> bool:
     ws = await ws_connect(url, token)
     try:
         first = await asyncio.wait_for(ws.recv(), 10)
-        return json.loads(first)["type"] == "connection_established"
+        return bool(json.loads(first)["type"] == "connection_established")
     except Exception:
         return False
     finally:
