@@ -56,6 +56,9 @@ class Reloader:
         self.reloads += 1
         self.last_at = time.time()
         try:
+            settings.validate()  # re-reads and checks every file the settings name
+            if settings.jwt_public_key:
+                _check_public_key(settings.verify_key)
             verifier = TokenVerifier(settings, hub.jwks)
             origins = settings.origins
             policy = OriginPolicy(origins, settings.trusted_proxies)
@@ -89,3 +92,13 @@ class Reloader:
     def status(self) -> dict[str, Any]:
         return {"ok": self.error is None, "error": self.error, "reloads": self.reloads,
                 "last_at": self.last_at}
+
+
+def _check_public_key(pem: str) -> None:
+    """A reloaded key must load: a half-written file would otherwise refuse every token."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        load_pem_public_key(pem.encode())
+    except (ValueError, TypeError):
+        raise ConfigError("JWT_PUBLIC_KEY is not a loadable PEM public key") from None

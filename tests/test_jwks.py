@@ -21,7 +21,7 @@ from jwt.algorithms import ECAlgorithm
 from hub.config import Settings
 from hub.errors import ConfigError
 from tests.conftest import free_port, make_settings, run_hub
-from tests.helpers import close_code, connected, ws_connect
+from tests.helpers import close_code, connected, wait_until, ws_connect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,6 +51,8 @@ class JwksServer:
     def __init__(self, port: int | None = None) -> None:
         self.keys: list[SigningKey] = []
         self.hits = 0
+        # When set, a fetch waits for `gate` before it is answered.
+        self.gate: threading.Event | None = None
         self.port = port or free_port()
         self._server: ThreadingHTTPServer | None = None
 
@@ -64,6 +66,8 @@ class JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.hits += 1
+                if owner.gate is not None:
+                    owner.gate.wait(30)
                 body = json.dumps({"keys": [k.jwk for k in owner.keys]}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -137,6 +141,21 @@ async def test_a_rotated_in_key_is_accepted_without_restart(jwks_server: JwksSer
         assert await close_code(refused) == (4003, "token signed by an unknown key")
         assert await accepted(hub.ws_url, new.token())
         await ws.close()
+
+
+async def test_a_slow_fetch_does_not_block_the_event_loop(jwks_server: JwksServer) -> None:
+    async with run_hub(jwks_settings(jwks_server, jwks_min_refetch_s=1e-6)) as hub:
+        new = SigningKey()
+        jwks_server.keys.append(new)
+        jwks_server.gate = threading.Event()
+        connecting = asyncio.create_task(accepted(hub.ws_url, new.token()))
+        await wait_until(lambda: jwks_server.hits == 2, what="the refetch to start")
+        # The fetch hangs in the JWKS server; the hub still answers (same event loop).
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{hub.url}/ws/health")).status_code == 200
+        assert not connecting.done()  # still waiting for its key
+        jwks_server.gate.set()
+        assert await connecting
 
 
 async def test_a_flood_of_unknown_kids_costs_at_most_one_fetch_per_interval(

@@ -24,7 +24,9 @@ from tests.conftest import (
     SECRET,
     HubProcess,
     RedisServer,
+    make_settings,
     make_token,
+    run_hub,
     start_hub_process,
     stop_process,
 )
@@ -214,3 +216,41 @@ def test_secret_file_settings_are_checked_at_start(tmp_path: Path) -> None:
         Settings.from_env({"JWT_SECRET_FILE": str(path)})
     with pytest.raises(ConfigError, match="cannot read file"):
         Settings.from_env({"JWT_SECRET_FILE": str(tmp_path / "missing")})
+
+
+async def test_a_public_key_file_is_re_read_and_a_broken_one_kept_out(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def key_pair() -> tuple[str, str]:
+        private = ec.generate_private_key(ec.SECP256R1())
+        return (private.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()).decode(),
+                private.public_key().public_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PublicFormat.SubjectPublicKeyInfo).decode())
+
+    def token(private: str) -> str:
+        return make_token(secret=private, algorithm="ES256")
+
+    (old_private, old_public), (new_private, new_public) = key_pair(), key_pair()
+    path = tmp_path / "public.pem"
+    path.write_text(old_public)
+    async with run_hub(make_settings(jwt_secret=None, jwt_public_key=str(path))) as hub:
+        watcher = await connected(hub.ws_url, token(old_private))
+        path.write_text(new_public)
+        result = await hub.hub.reload("test")
+        assert (result.ok, result.changed) == (True, ["jwt_keys"])
+        status = await next_status(watcher)
+        assert status["data"]["changed"] == ["jwt_keys"]
+        assert new_public not in str(status)
+        await (await connected(hub.ws_url, token(new_private))).close()
+        refused = await ws_connect(hub.ws_url, token(old_private))
+        assert await close_code(refused) == (4003, "bad token signature")
+
+        path.write_text("-----BEGIN PUBLIC KEY-----\nhalf written")
+        result = await hub.hub.reload("test")
+        assert not result.ok and result.error == "JWT_PUBLIC_KEY is not a loadable PEM public key"
+        await (await connected(hub.ws_url, token(new_private))).close()  # old key kept
+        await watcher.close()
