@@ -28,6 +28,7 @@ class HubServer(uvicorn.Server):
         super().__init__(config)
         self.hub_app = app
         self._reloads: set[asyncio.Task[Any]] = set()
+        self._sighup = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -36,6 +37,7 @@ class HubServer(uvicorn.Server):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError,
                                  AttributeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
 
     def _on_sighup(self) -> None:
         log.info("received SIGHUP, reloading keys and origins")
@@ -44,6 +46,11 @@ class HubServer(uvicorn.Server):
         task.add_done_callback(self._reloads.discard)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._sighup:  # a stopping hub reloads nothing, and a SIGHUP must not kill it
+            self._sighup = False
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for server in self.servers:
             server.close()  # stop accepting while the hub drains
         try:
