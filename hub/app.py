@@ -53,13 +53,15 @@ class Hub:
         self.jwks = JwksKeys(
             settings.jwt_jwks_url, min_refetch_s=settings.jwks_min_refetch_s,
             refresh_s=settings.jwks_refresh_s, timeout_s=settings.jwks_timeout_s,
+            on_fetch=lambda result: self.metrics.jwks_fetches.labels(result).inc(),
         ) if settings.jwt_jwks_url else None
         # verifier and origins are replaced as a whole by a reload (hub.reload): read them
         # from the hub at each use, never keep them.
         self.verifier = TokenVerifier(settings, self.jwks)
         # One Origin check for every transport (hub.auth.OriginPolicy).
         self.origins = OriginPolicy(settings.origins, settings.trusted_proxies)
-        self.reloader = Reloader(self)
+        self.reloader = Reloader(
+            self, lambda result: self.metrics.config_reloads.labels(result).inc())
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
         self.refusals = RefusalTracker(settings.refusal_limit, settings.refusal_window_s)
         self.types = EventTypes(settings.extra_event_types,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -31,7 +32,9 @@ class JwksKeys:
     """The signing keys of one JWKS endpoint, by ``kid``."""
 
     def __init__(self, url: str, *, min_refetch_s: float = 30.0, refresh_s: float = 300.0,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, on_fetch: Callable[[str], None] | None = None
+                 ) -> None:
+        self._on_fetch = on_fetch or (lambda result: None)
         # The client's own set cache is off: this class is the cache.
         self._client = PyJWKClient(url, cache_jwk_set=False, timeout=timeout_s)
         self.min_refetch_s = min_refetch_s
@@ -68,6 +71,7 @@ class JwksKeys:
                 log.warning("JWKS fetch failed, %d cached keys stay in force: %s",
                             len(self._keys), _short(exc))
             self.error = _short(exc)
+            self._on_fetch("failed")
             return False
         finally:
             self._inflight = None
@@ -76,6 +80,7 @@ class JwksKeys:
         elif set(keys) != set(self._keys):
             log.info("JWKS keys now: %d (%d new)", len(keys), len(set(keys) - set(self._keys)))
         self._keys, self.error, self.fetched_at = keys, None, time.time()
+        self._on_fetch("ok")
         return True
 
     def _fetch_blocking(self) -> dict[str, PyJWK]:

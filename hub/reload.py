@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,8 +46,10 @@ class ReloadResult:
 
 
 class Reloader:
-    def __init__(self, hub: Reloadable) -> None:
+    def __init__(self, hub: Reloadable, on_result: Callable[[str], None] | None = None
+                 ) -> None:
         self.hub = hub
+        self._on_result = on_result or (lambda result: None)
         self.error: str | None = None  # why the last reload failed; None after a success
         self.reloads = 0
         self.last_at: float | None = None
@@ -66,6 +69,7 @@ class Reloader:
             self.error = str(exc)
             log.error("reload (%s) failed, the previous configuration stays in force: %s",
                       source, exc)
+            self._on_result("failed")
             return ReloadResult(False, error=self.error)
         changed: list[str] = []
         if verifier.keys != hub.verifier.keys:
@@ -74,6 +78,7 @@ class Reloader:
             changed.append(ALLOWED_ORIGINS)
         hub.verifier, hub.origins = verifier, policy
         self.error = None
+        self._on_result("ok")
         if hub.jwks is not None:
             # A reload is also the operator's way to pick up a rotated JWKS at once.
             before = hub.jwks.kids

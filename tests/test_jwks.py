@@ -197,6 +197,10 @@ async def test_an_unreachable_endpoint_keeps_the_cached_keys(jwks_server: JwksSe
         assert any(r.startswith("jwks: endpoint unreachable, 1 cached keys in force")
                    for r in health["reasons"])
         assert await accepted(hub.ws_url, key.token())  # the cached key stays in force
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{hub.url}/metrics")).text
+        assert 'hub_jwks_fetches_total{result="ok"} 1.0' in metrics
+        assert 'hub_jwks_fetches_total{result="failed"} 1.0' in metrics
 
 
 async def test_start_up_with_the_endpoint_down_serves_degraded_until_it_answers() -> None:

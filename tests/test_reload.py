@@ -167,6 +167,9 @@ async def test_post_admin_reload_needs_an_admin_and_reports_a_bad_file(
             origins.write_text("https://c.example\n")
             good = await http.post(url, headers=admin)
             assert good.json()["changed"] == ["allowed_origins"]
+            metrics = (await http.get(f"{hub.url}/metrics")).text
+            assert 'hub_config_reloads_total{result="ok"} 2.0' in metrics
+            assert 'hub_config_reloads_total{result="failed"} 2.0' in metrics
     finally:
         stop_process(hub.process)
 
