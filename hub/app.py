@@ -31,9 +31,11 @@ from hub.errors import BackendUnavailable, CloseCode, ErrorCode
 from hub.events import SYSTEM_STATUS, Event, EventTypes
 from hub.http import HttpApi, SecurityHeaders, dashboard_redirect
 from hub.idempotency import IdempotencyKeys
+from hub.keys import JwksKeys
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.refusals import RefusalTracker
+from hub.reload import Reloader, ReloadResult
 from hub.transports.frames import COALESCER_KEY, SEND_KEY, WriteCoalescer
 from hub.transports.sio_manager import close_manager, manager_for
 from hub.transports.socketio import SocketIOTransport
@@ -49,9 +51,18 @@ class Hub:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.verifier = TokenVerifier(settings)
+        self.jwks = JwksKeys(
+            settings.jwt_jwks_url, min_refetch_s=settings.jwks_min_refetch_s,
+            refresh_s=settings.jwks_refresh_s, timeout_s=settings.jwks_timeout_s,
+            on_fetch=lambda result: self.metrics.jwks_fetches.labels(result).inc(),
+        ) if settings.jwt_jwks_url else None
+        # verifier and origins are replaced as a whole by a reload (hub.reload): read them
+        # from the hub at each use, never keep them.
+        self.verifier = TokenVerifier(settings, self.jwks)
         # One Origin check for every transport (hub.auth.OriginPolicy).
-        self.origins = OriginPolicy(settings.allowed_origins, settings.trusted_proxies)
+        self.origins = OriginPolicy(settings.origins, settings.trusted_proxies)
+        self.reloader = Reloader(
+            self, lambda result: self.metrics.config_reloads.labels(result).inc())
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
         self.refusals = RefusalTracker(settings.refusal_limit, settings.refusal_window_s)
         self.types = EventTypes(settings.extra_event_types,
@@ -118,6 +129,8 @@ class Hub:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.start()  # an unreachable endpoint: start degraded (README)
         await self.dispatcher.start()
         # python-socketio starts its Redis listener only at the first Socket.IO connection;
         # start it now, so external emitters reach this instance from the first client on.
@@ -151,6 +164,29 @@ class Hub:
             await backend_drain(self.settings.shutdown_timeout_s)
         await close_manager(self.sio_manager)
         await self.dispatcher.stop()
+        if self.jwks is not None:
+            await self.jwks.stop()
+
+    # -- live reload (hub.reload) -------------------------------------------------------
+    async def reload(self, source: str = "api") -> ReloadResult:
+        """Re-read key and origin files; new connections use them (SIGHUP, POST
+        /admin/reload)."""
+        return await self.reloader.reload(source)
+
+    async def announce_config_change(self, changed: list[str]) -> None:
+        try:
+            await self.publish(SYSTEM_STATUS, {
+                "status": "config_change", "instance_id": self.settings.instance_id,
+                "version": __version__, "changed": changed,
+                "message": "configuration reloaded: " + ", ".join(changed),
+            })
+        except BackendUnavailable as exc:
+            log.warning("could not announce config_change: %s", exc)
+
+    def config_problems(self) -> list[str]:
+        """Reasons for a degraded health besides the backend's: JWKS, a failed reload."""
+        problems = self.jwks.problems() if self.jwks is not None else []
+        return problems + self.reloader.problems()
 
     async def _announce(self, status: str, message: str) -> Event | None:
         try:
@@ -238,6 +274,7 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
         Route("/events", hub.http.history, methods=["GET"]),
         Route("/metrics", hub.http.metrics, methods=["GET"]),
         Route("/openapi.json", hub.http.openapi, methods=["GET"]),
+        Route("/admin/reload", hub.http.admin_reload, methods=["POST"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),
     ]
     static = resources.files("hub") / "static" / "dashboard"

@@ -14,6 +14,7 @@ import jwt
 
 from hub.config import Settings
 from hub.errors import AuthError, ErrorCode
+from hub.keys import JwksKeys
 
 __all__ = ["AuthError", "OriginPolicy", "Principal", "TokenVerifier", "issue_token",
            "normalise_origin", "origin_allowed", "strip_bearer", "token_from_cookie",
@@ -80,10 +81,17 @@ def token_from_headers(headers: Mapping[str, str]) -> str | None:
 
 
 class TokenVerifier:
-    """Verifies hub tokens with the configured key, algorithms, issuer and audience."""
+    """Verifies hub tokens with the configured key, algorithms, issuer and audience.
 
-    def __init__(self, settings: Settings) -> None:
-        self._key = settings.verify_key
+    The keys are read when it is built (a reload builds a new one): JWT_SECRET or every
+    secret of JWT_SECRET_FILE (a rotation window: each is tried), JWT_PUBLIC_KEY, or the
+    live keys of ``jwks`` (JWT_JWKS_URL) by the token's ``kid``."""
+
+    def __init__(self, settings: Settings, jwks: JwksKeys | None = None) -> None:
+        self._jwks = jwks if settings.jwt_jwks_url else None
+        self._keys: tuple[str, ...] = (
+            () if settings.jwt_jwks_url
+            else (settings.verify_key,) if settings.jwt_public_key else settings.hs_secrets)
         self._algorithms = list(settings.algorithms)
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
@@ -99,12 +107,52 @@ class TokenVerifier:
     def leeway(self) -> float:
         return self._leeway
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The static keys in force (to tell whether a reload changed them; never logged)."""
+        return self._keys
+
+    async def verify_async(self, token: str | None) -> Principal:
+        """:meth:`verify`, after refetching the JWKS (off the event loop, rate-limited)
+        when the token names a ``kid`` not known yet."""
+        if self._jwks is not None and token and len(token) <= MAX_TOKEN_BYTES:
+            kid = _kid(token)
+            if kid is not None and self._jwks.get(kid) is None:
+                await self._jwks.refresh_for(kid)
+        return self.verify(token)
+
     def verify(self, token: str | None) -> Principal:
         """Return the token's principal or raise :class:`AuthError` whose code is the reason."""
         if not token:
             raise AuthError("no token", code=ErrorCode.MISSING_TOKEN)
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("token too large", code=ErrorCode.MALFORMED_TOKEN)
+        keys: tuple[Any, ...] = self._keys
+        if self._jwks is not None:
+            kid = _kid(token)
+            if kid is None:
+                raise AuthError("token names no key (kid) of the JWKS",
+                                code=ErrorCode.UNKNOWN_KEY)
+            jwk = self._jwks.get(kid)
+            if jwk is None:
+                raise AuthError("token signed by an unknown key", code=ErrorCode.UNKNOWN_KEY)
+            keys = (jwk.key,)
+        for index, key in enumerate(keys):
+            try:
+                claims = self._decode(token, key)
+                break
+            except AuthError as exc:
+                # A rotation window: a bad signature under one secret may verify under the next.
+                if exc.code != ErrorCode.BAD_SIGNATURE or index == len(keys) - 1:
+                    raise
+        else:
+            raise AuthError("no token key configured", code=ErrorCode.NO_SIGNING_KEY)
+        if not isinstance(claims, dict):
+            raise AuthError("malformed token", code=ErrorCode.MALFORMED_TOKEN)
+        self._check_times(claims)
+        return self._principal(claims)
+
+    def _decode(self, token: str, key: Any) -> Any:
         # PyJWT's own time checks are off: it accepts numeric strings (then never enforced
         # here) and overflows on 1e400; _check_times() is strict about them.
         options: Any = {
@@ -113,9 +161,9 @@ class TokenVerifier:
             "verify_exp": False, "verify_nbf": False, "verify_iat": False,
         }
         try:
-            claims = jwt.decode(
+            return jwt.decode(
                 token,
-                self._key,
+                key,
                 algorithms=self._algorithms,
                 issuer=self._issuer,
                 audience=self._audience,
@@ -141,10 +189,6 @@ class TokenVerifier:
         except (ValueError, TypeError, OverflowError):
             # A key or signature the crypto backend chokes on: still just a bad token.
             raise AuthError("malformed token", code=ErrorCode.MALFORMED_TOKEN) from None
-        if not isinstance(claims, dict):
-            raise AuthError("malformed token", code=ErrorCode.MALFORMED_TOKEN)
-        self._check_times(claims)
-        return self._principal(claims)
 
     def _check_times(self, claims: Mapping[str, Any]) -> None:
         times: dict[str, float] = {}
@@ -184,6 +228,14 @@ class TokenVerifier:
         )
 
 
+def _kid(token: str) -> str | None:
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return None
+    return kid if isinstance(kid, str) else None
+
+
 def _roles(value: object) -> frozenset[str]:
     if isinstance(value, str):
         return frozenset({value})
@@ -218,10 +270,12 @@ def issue_token(
         claims["aud"] = settings.jwt_audience
     claims.update(extra or {})
     algorithm = settings.algorithms[0]
-    if settings.jwt_secret:
-        return jwt.encode(claims, settings.jwt_secret, algorithm=algorithm)
+    secret = settings.signing_secret
+    if secret:
+        return jwt.encode(claims, secret, algorithm=algorithm)
     if not private_key:
-        raise AuthError("signing needs JWT_SECRET, or --private-key with JWT_PUBLIC_KEY",
+        raise AuthError("signing needs JWT_SECRET or JWT_SECRET_FILE, or --private-key with "
+                        "JWT_PUBLIC_KEY",
                         code=ErrorCode.NO_SIGNING_KEY)
     return jwt.encode(claims, private_key, algorithm=algorithm)
 

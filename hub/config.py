@@ -115,6 +115,19 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     require_exp: bool = True
     max_token_lifetime_s: float = 7 * 24 * 3600
+    # -- key rotation and live reload (README "Key rotation and live reload") -------------
+    # JWT_SECRET_FILE: one HS secret per line, all accepted, the first signs `hub token`.
+    # JWT_JWKS_URL: keys from an SSO provider's JWKS endpoint (hub.keys.JwksKeys).
+    # HUB_ALLOWED_ORIGINS_FILE: one origin per line, added to HUB_ALLOWED_ORIGINS.
+    # SIGHUP or POST /admin/reload re-reads the files (and JWT_PUBLIC_KEY as a path).
+    jwt_secret_file: str | None = None
+    jwt_jwks_url: str | None = None
+    allowed_origins_file: str | None = None
+    # A token naming an unknown `kid` refetches the JWKS at most once per this interval
+    # (failed fetches included); the set is also refetched every jwks_refresh_s.
+    jwks_min_refetch_s: float = 30.0
+    jwks_refresh_s: float = 300.0
+    jwks_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -168,17 +181,81 @@ class Settings:
     def algorithms(self) -> tuple[str, ...]:
         if self.jwt_algorithms:
             return self.jwt_algorithms
-        return ("RS256", "ES256") if self.jwt_public_key else ("HS256",)
+        return ("RS256", "ES256") if self.jwt_public_key or self.jwt_jwks_url else ("HS256",)
+
+    @property
+    def hs_secrets(self) -> tuple[str, ...]:
+        """Every HS secret accepted: JWT_SECRET, or each line of JWT_SECRET_FILE (re-read
+        at each call; the first signs)."""
+        if self.jwt_secret:
+            return (self.jwt_secret,)
+        if not self.jwt_secret_file:
+            return ()
+        text = _read_file(self.jwt_secret_file, "JWT_SECRET_FILE")
+        found = tuple(line.strip() for line in text.splitlines()
+                      if line.strip() and not line.lstrip().startswith("#"))
+        if not found:
+            raise ConfigError("JWT_SECRET_FILE holds no secret (one per line)")
+        for number, secret in enumerate(found, 1):
+            if len(secret.encode()) < MIN_HS_SECRET_BYTES:
+                raise ConfigError(f"JWT_SECRET_FILE secret {number} is too weak: "
+                                  f"{len(secret.encode())} bytes, HS256 needs at least "
+                                  f"{MIN_HS_SECRET_BYTES}")
+        return found
+
+    @property
+    def signing_secret(self) -> str | None:
+        """The HS secret ``hub token`` signs with (JWT_SECRET, or JWT_SECRET_FILE's first)."""
+        secrets_ = self.hs_secrets
+        return secrets_[0] if secrets_ else None
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """HUB_ALLOWED_ORIGINS plus the lines of HUB_ALLOWED_ORIGINS_FILE (re-read)."""
+        found = list(self.allowed_origins)
+        if self.allowed_origins_file:
+            text = _read_file(self.allowed_origins_file, "HUB_ALLOWED_ORIGINS_FILE")
+            for line in text.splitlines():
+                entry = line.strip()
+                if not entry or entry.startswith("#"):
+                    continue
+                if entry != "*" and not urlsplit(entry).netloc:
+                    raise ConfigError(f"HUB_ALLOWED_ORIGINS_FILE entry {entry!r} is not an "
+                                      "origin like https://dash.example.com")
+                found.append(entry)
+        return tuple(found)
 
     def validate(self, *, need_key: bool = True) -> None:
         """Raise :class:`ConfigError` with one clear sentence for the first bad setting."""
-        if need_key and not self.jwt_secret and not self.jwt_public_key:
+        key_settings = [name for name, value in (
+            ("JWT_SECRET", self.jwt_secret), ("JWT_SECRET_FILE", self.jwt_secret_file),
+            ("JWT_PUBLIC_KEY", self.jwt_public_key), ("JWT_JWKS_URL", self.jwt_jwks_url))
+            if value]
+        if need_key and not key_settings:
             raise ConfigError(
-                "no token key: set JWT_SECRET (HS256, at least 32 bytes) or JWT_PUBLIC_KEY "
-                "(RS256/ES256); for a throwaway local run use `hub serve --dev`"
+                "no token key: set JWT_SECRET (HS256, at least 32 bytes), JWT_SECRET_FILE, "
+                "JWT_PUBLIC_KEY (RS256/ES256) or JWT_JWKS_URL; for a throwaway local run use "
+                "`hub serve --dev`"
             )
         if self.jwt_secret and self.jwt_public_key:
             raise ConfigError("set either JWT_SECRET or JWT_PUBLIC_KEY, not both")
+        if len(key_settings) > 1:
+            raise ConfigError(f"set only one of {', '.join(key_settings)}")
+        if self.jwt_secret_file:
+            _ = self.hs_secrets  # reads and checks the file
+            if not set(self.algorithms) <= HS_ALGORITHMS:
+                raise ConfigError("JWT_SECRET_FILE works only with HS256/HS384/HS512 in "
+                                  "JWT_ALGORITHMS")
+        if self.jwt_jwks_url:
+            if urlsplit(self.jwt_jwks_url).scheme not in {"http", "https"}:
+                raise ConfigError("JWT_JWKS_URL must be an http:// or https:// URL")
+            if not set(self.algorithms) <= ASYMMETRIC_ALGORITHMS:
+                raise ConfigError("JWT_JWKS_URL works only with asymmetric JWT_ALGORITHMS")
+            for name in ("jwks_min_refetch_s", "jwks_refresh_s", "jwks_timeout_s"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(f"{_env_name(name)} must be a positive number of seconds")
+        if self.allowed_origins_file:
+            _ = self.origins  # reads and checks the file
         unknown = set(self.algorithms) - HS_ALGORITHMS - ASYMMETRIC_ALGORITHMS
         if unknown or "none" in {a.lower() for a in self.algorithms}:
             raise ConfigError(f"JWT_ALGORITHMS has unsupported values: {sorted(unknown)}")
@@ -266,6 +343,8 @@ _ENV_NAMES = {
     "jwt_algorithms": "JWT_ALGORITHMS",
     "jwt_issuer": "JWT_ISSUER",
     "jwt_audience": "JWT_AUDIENCE",
+    "jwt_secret_file": "JWT_SECRET_FILE",
+    "jwt_jwks_url": "JWT_JWKS_URL",
 }
 _EMPTY_ALLOWED = frozenset({"legacy_channel"})
 
@@ -291,6 +370,16 @@ def _parse(field_name: str, env_name: str, raw: str, type_: Any) -> Any:
     except ValueError:
         raise ConfigError(f"{env_name} has an invalid value {raw!r}") from None
     return raw
+
+
+def _read_file(value: str, name: str) -> str:
+    path = Path(value).expanduser()
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: file {str(path)!r} is not UTF-8 text") from None
 
 
 def _read_key(value: str, name: str) -> str:

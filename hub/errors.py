@@ -45,6 +45,7 @@ class ErrorCode(enum.StrEnum):
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
     WRONG_CLAIMS = "wrong_claims"
     NO_SIGNING_KEY = "no_signing_key"
+    UNKNOWN_KEY = "unknown_key"  # JWT_JWKS_URL: the token's kid is not in the key set
     FORBIDDEN = "forbidden"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     # client messages and subscriptions
@@ -69,6 +70,8 @@ class ErrorCode(enum.StrEnum):
     # Socket.IO sessions
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
     TOO_MANY_SESSIONS = "too_many_sessions"
+    # live reload (POST /admin/reload, SIGHUP)
+    RELOAD_FAILED = "reload_failed"
 
 
 class CloseCode(enum.IntEnum):

@@ -27,8 +27,10 @@ from hub.dispatch.query import read_history
 from hub.errors import BackendUnavailable, ErrorCode, EventError, ProtocolError
 from hub.events import Event, EventTypes, is_event_id
 from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
+from hub.keys import JwksKeys
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
+from hub.reload import Reloader, ReloadResult
 
 
 class HttpServices(Protocol):
@@ -45,6 +47,16 @@ class HttpServices(Protocol):
 
     def connection_counts(self) -> dict[str, int]: ...
 
+    def config_problems(self) -> list[str]: ...
+
+    @property
+    def jwks(self) -> JwksKeys | None: ...
+
+    @property
+    def reloader(self) -> Reloader: ...
+
+    async def reload(self, source: str = "api") -> ReloadResult: ...
+
 
 class HttpApi:
     """The request handlers of one instance."""
@@ -57,7 +69,7 @@ class HttpApi:
         backend = hub.dispatcher.backend
         counts = hub.connection_counts()
         ws, sio, sse = counts["websocket"], counts["socketio"], counts.get("sse", 0)
-        problems = backend.problems()
+        problems = backend.problems() + hub.config_problems()
         if hub.started_at is None:
             status, code = "unhealthy", 503
         elif not problems:
@@ -74,7 +86,33 @@ class HttpApi:
             "version": __version__,
             "uptime_s": round(time.time() - hub.started_at, 3) if hub.started_at else 0.0,
             "connections": {"websocket": ws, "socketio": sio, "sse": sse},
+            # JWT_JWKS_URL: the key set's state; null without it.
+            "jwks": hub.jwks.status() if hub.jwks is not None else None,
+            "reload": hub.reloader.status(),
         }, status_code=code)
+
+    async def admin_reload(self, request: Request) -> JSONResponse:
+        """``POST /admin/reload``: what SIGHUP does, for this instance (admin roles)."""
+        hub = self.services
+        authorization = request.headers.get("authorization", "")
+        try:
+            if authorization[:7].lower() != "bearer ":
+                raise AuthError("a bearer token is required", code=ErrorCode.MISSING_TOKEN)
+            principal = await hub.verifier.verify_async(strip_bearer(authorization))
+        except AuthError as exc:
+            hub.metrics.auth_failures.labels(exc.code).inc()
+            return error_response(401, exc.code, exc.message,
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if not principal.is_admin:
+            hub.metrics.auth_failures.labels(ErrorCode.FORBIDDEN).inc()
+            return error_response(403, ErrorCode.FORBIDDEN, "reloading needs an admin role")
+        result = await hub.reload(f"POST /admin/reload by {principal.user_id}")
+        if not result.ok:
+            return error_response(422, ErrorCode.RELOAD_FAILED,
+                                  f"reload failed, the previous configuration stays in force: "
+                                  f"{result.error}")
+        return JSONResponse({"reloaded": True, "changed": result.changed,
+                             "instance_id": hub.settings.instance_id})
 
     async def publish(self, request: Request) -> JSONResponse:
         hub = self.services
@@ -83,7 +121,7 @@ class HttpApi:
             if authorization[:7].lower() != "bearer ":
                 # Cookies are not accepted here: a cookie-authenticated POST is open to CSRF.
                 raise AuthError("a bearer token is required", code=ErrorCode.MISSING_TOKEN)
-            principal = hub.verifier.verify(strip_bearer(authorization))
+            principal = await hub.verifier.verify_async(strip_bearer(authorization))
         except AuthError as exc:
             hub.metrics.auth_failures.labels(exc.code).inc()
             return error_response(401, exc.code, exc.message,

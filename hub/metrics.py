@@ -86,6 +86,12 @@ class Metrics:
             "events, no Redis call; backend: read from the history)", ["source"], registry=r)
         self.history_retries = Counter(
             "hub_history_retries", "History reads retried after a failure", registry=r)
+        self.config_reloads = Counter(
+            "hub_config_reloads", "Reloads (SIGHUP, POST /admin/reload) by result: ok, failed "
+            "(the previous configuration stays)", ["result"], registry=r)
+        self.jwks_fetches = Counter(
+            "hub_jwks_fetches", "JWT_JWKS_URL fetches by result: ok, failed (cached keys stay)",
+            ["result"], registry=r)
         for transport in ("websocket", "socketio"):
             # Export zeros from the start, so dashboards show 0 rather than "no data".
             self.connections.labels(transport)

@@ -122,6 +122,31 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                     },
                 }
             },
+            "/admin/reload": {
+                "post": {
+                    "summary": "Re-read key and origin files on this instance (as SIGHUP)",
+                    "description": "Re-reads JWT_SECRET_FILE, JWT_PUBLIC_KEY given as a path "
+                                   "and HUB_ALLOWED_ORIGINS_FILE, and refetches JWT_JWKS_URL; "
+                                   "new connections use them. A change is announced as "
+                                   "`system_status` with `status: config_change` and "
+                                   "`changed` naming what changed. A bad file keeps the "
+                                   "previous configuration. Needs a role in HUB_ADMIN_ROLES.",
+                    "operationId": "adminReload",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {"description": "Reloaded; `changed` lists what changed",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/Reloaded"}}}},
+                        "401": {"description": "Missing or invalid token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token has no admin role",
+                                "content": {"application/json": {"schema": error}}},
+                        "422": {"description": "A file is unreadable or invalid "
+                                               "(`reload_failed`); nothing was changed",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
@@ -205,7 +230,34 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                             "websocket": {"type": "integer"},
                             "socketio": {"type": "integer"},
                             "sse": {"type": "integer"}}},
+                        "reasons": {"type": "array", "items": {"type": "string"}},
+                        "jwks": {
+                            "description": "JWT_JWKS_URL's key set; null without it",
+                            "type": ["object", "null"],
+                            "properties": {
+                                "keys": {"type": "integer"},
+                                "ok": {"type": "boolean"},
+                                "error": {"type": ["string", "null"]},
+                                "fetched_at": {"type": ["number", "null"]},
+                                "age_s": {"type": ["number", "null"]}}},
+                        "reload": {
+                            "description": "The last reload (SIGHUP, POST /admin/reload)",
+                            "type": "object",
+                            "properties": {
+                                "ok": {"type": "boolean"},
+                                "error": {"type": ["string", "null"]},
+                                "reloads": {"type": "integer"},
+                                "last_at": {"type": ["number", "null"]}}},
                     },
+                },
+                "Reloaded": {
+                    "type": "object",
+                    "required": ["reloaded", "changed", "instance_id"],
+                    "properties": {
+                        "reloaded": {"type": "boolean"},
+                        "changed": {"type": "array", "items": {
+                            "type": "string", "enum": ["jwt_keys", "allowed_origins"]}},
+                        "instance_id": {"type": "string"}},
                 },
             },
         },

@@ -8,7 +8,10 @@ flushed and each client closed with 1001; then uvicorn's own shutdown proceeds.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import socket
 from typing import Any
 
@@ -24,8 +27,30 @@ class HubServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: HubApp) -> None:
         super().__init__(config)
         self.hub_app = app
+        self._reloads: set[asyncio.Task[Any]] = set()
+        self._sighup = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # SIGHUP: re-read key and origin files (hub.reload). Its default action would kill
+        # the process; uvicorn leaves it alone. Only the main thread may install handlers.
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError,
+                                 AttributeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
+
+    def _on_sighup(self) -> None:
+        log.info("received SIGHUP, reloading keys and origins")
+        task = asyncio.ensure_future(self.hub_app.hub.reload("SIGHUP"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._sighup:  # a stopping hub reloads nothing, and a SIGHUP must not kill it
+            self._sighup = False
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for server in self.servers:
             server.close()  # stop accepting while the hub drains
         try:

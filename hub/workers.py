@@ -14,6 +14,8 @@ id. The supervision rules are uvicorn's, kept small:
   ``system_status: shutdown``, flushes its outboxes, closes clients with 1001); the parent
   waits for all of them (bounded by the shutdown timeout) and then exits. A second signal
   is forwarded as is (uvicorn force-exits on a second SIGINT).
+- SIGHUP to the parent → SIGHUP to every worker: each re-reads its key and origin files
+  (hub.reload) and announces ``config_change`` itself (so a client sees one per worker).
 - A worker that dies is replaced, with capped backoff if it keeps dying young. One that
   fails during start-up (uvicorn's exit code 3: bad app, Redis refused) stops everything,
   since every replacement would fail the same way.
@@ -102,7 +104,8 @@ class Supervisor:
     # -- main loop ----------------------------------------------------------------------
     def run(self) -> int:
         sock = bind_socket(self.host, self.port)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (*_STOP_SIGNALS,
+                                                                          signal.SIGHUP)}
         self._prepare_metrics_dir()
         try:
             scheme_host = f"[{self.host}]" if ":" in self.host else self.host
@@ -149,6 +152,10 @@ class Supervisor:
     def _handle_signals(self) -> None:
         while self._signals:
             sig = self._signals.pop(0)
+            if sig == signal.SIGHUP:
+                log.info("received SIGHUP, forwarding it to %d workers", len(self.slots))
+                self._send_all(sig)
+                continue
             if not self.stopping:
                 log.info("received %s, draining %d workers", signal.Signals(sig).name,
                          len(self.slots))
@@ -274,6 +281,8 @@ def worker_main(settings: Settings, index: int, sock: socket.socket, host: str, 
     from hub.app import create_app
     from hub.server import HubServer, uvicorn_config
 
+    # Until HubServer installs its reload handler, a forwarded SIGHUP must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = settings.replace(instance_id=f"{settings.instance_id}-w{index}")
     app = create_app(settings)
     config = uvicorn_config(app, settings, host, port, log_level,

@@ -489,7 +489,7 @@ class SocketIOTransport:
         if not isinstance(token, str) or not token:
             token = token_from_headers(_headers(environ))
         try:
-            principal = hub.verifier.verify(token)
+            principal = await hub.verifier.verify_async(token)
         except AuthError as exc:
             hub.metrics.auth_failures.labels(exc.code).inc()
             self._close_after_refusal(sid)

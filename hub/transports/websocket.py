@@ -189,7 +189,7 @@ class PlainTransport:
                                user)
             return
         try:
-            principal = hub.verifier.verify(token_from_headers(headers))
+            principal = await hub.verifier.verify_async(token_from_headers(headers))
         except AuthError as exc:
             await self._refuse(websocket, exc.code, exc.message)
             return
