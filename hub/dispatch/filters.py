@@ -63,7 +63,11 @@ def value_key(value: object) -> str | None:
     text; None for anything else (it never matches)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, bool | int | float):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)  # its JSON text, at any size (orjson refuses past 64 bits)
+    if isinstance(value, float):
         return orjson.dumps(value).decode()
     return None
 
