@@ -82,9 +82,12 @@ class Outbox:
 
     ``put`` writes a frame straight to the transport when nothing is queued ahead of it and
     the transport takes it without backpressure (no task switch); otherwise the frame is
-    queued and one writer task, alive only while frames wait, sends them in order. Only
-    live events are bounded: ``put`` returns False when one would exceed the limit (the
-    connection is then a slow consumer, see :func:`count_slow`)."""
+    queued and one writer task, alive only while frames wait, sends them in order. Live
+    events are bounded by ``limit``: ``put`` returns False when one would exceed it (the
+    connection is then a slow consumer, see :func:`count_slow`). Everything else (replies
+    to the client, replay pages, notices) may take the queue up to ``ceiling``, twice the
+    limit, and no further: a client that sends pings but never reads the pongs is a slow
+    consumer too, not a slow leak."""
 
     # What a send raises when the peer is gone (the WebSocket transport adds Starlette's).
     GONE: ClassVar[tuple[type[BaseException], ...]] = ()
@@ -115,6 +118,12 @@ class Outbox:
         return len(self._queue) if self._queue is not None else 0
 
     @property
+    def ceiling(self) -> int:
+        """The most frames ever queued: the live bound plus as many replies and replay
+        frames (a replay page is never larger than the room left under ``limit``)."""
+        return 2 * self.limit
+
+    @property
     def open(self) -> bool:
         """It takes frames (not draining, not closed)."""
         return self.state is _OPEN
@@ -139,7 +148,7 @@ class Outbox:
                 # Nothing queued ahead of it and no backpressure: out now, no task switch.
                 sink.write(item)
                 return True
-        if bounded and self.queued >= self.limit:
+        if self.queued >= (self.limit if bounded else self.ceiling):
             return False
         if self._queue is None:
             self._queue = deque()

@@ -32,7 +32,7 @@ from hub.events import Event
 from hub.logs import redact
 from hub.tail import format_line, json_line
 from tests.conftest import SECRET, make_token, start_hub_process, stop_process
-from tests.helpers import close_code, recv_type, stalled_client, wait_until
+from tests.helpers import client_frame, close_code, recv_type, stalled_client, wait_until
 
 MB = 1024 * 1024
 
@@ -329,6 +329,31 @@ async def test_a_peer_that_stops_reading_is_dropped(tmp_path: Path, case: str) -
             await wait_until(lambda: served.fds() <= baseline, 10,
                              "the stalled connection's descriptor to be freed")
             await _reconnects(served, token)  # its per-user slot is free again
+        finally:
+            writer.close()
+
+
+async def test_replies_to_a_client_that_never_reads_are_bounded_too(tmp_path: Path) -> None:
+    """Pings answered into an outbox nobody drains: the replies may take the outbox to
+    twice its limit (hub.connection.Outbox.ceiling), then the client is a slow consumer
+    (4008), not a leak of a few hundred bytes a message for as long as it stays."""
+    env = {"HUB_CLOSE_TIMEOUT_S": "1", "HUB_OUTBOX_LIMIT": "5",
+           "HUB_CLIENT_RATE": "1000000", "HUB_CLIENT_BURST": "1000000"}
+    with serve(tmp_path, env) as served:
+        _reader, writer = await stalled_client(served.port, make_token("mallory", "viewer"))
+        ping = client_frame('{"action": "ping"}')
+        try:
+            sent = 0
+            while (await served.health())["active_connections"] != 0:
+                # Far more pongs than the socket buffers on both sides hold (~70 bytes
+                # each) before the outbox has to keep them.
+                assert sent < 400_000, "replies to a client that never reads were never cut"
+                writer.write(ping * 2_000)
+                await writer.drain()
+                sent += 2_000
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(served.url + "/metrics")).text
+            assert 'hub_slow_consumer_disconnects_total{transport="websocket"} 1.0' in metrics
         finally:
             writer.close()
 

@@ -153,7 +153,9 @@ class SocketIOConnection(Subscriber):
         if self.kicked:
             return
         size = queue_eio_packet(self._server, self.eio_sid, pkt)
-        if bounded and size is not None and size > self._limit:
+        # Live events up to the limit, anything else (replies, notices) up to twice it, as
+        # the outbox of the direct path (hub.connection.Outbox.ceiling).
+        if size is not None and size > (self._limit if bounded else 2 * self._limit):
             self._transport.kick_slow(self)
 
     def _put(self, frame: bytes, bounded: bool) -> None:
