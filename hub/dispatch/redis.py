@@ -121,24 +121,32 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, dic
 
 
 def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
-    if url.startswith("redis+sentinel://"):
-        sentinels, service, kwargs = parse_sentinel_url(url)
-        sentinel = aioredis.Sentinel(sentinels, **kwargs)  # type: ignore[no-untyped-call]
-        master: aioredis.Redis = sentinel.master_for(service or "mymaster")
-        return master
     # Short timeouts: a vanished or frozen Redis must fail calls (the journal takes the
     # events) within health's window, not hang them; XREAD blocks for 0.5 s, inside the
     # socket timeout. One immediate retry on a fresh connection when a pooled one turns out
-    # closed (as after a Redis restart): without it the first command on each stale
-    # connection fails. Appends are idempotent by event id, so a retry never doubles one.
+    # closed (as after a Redis restart or a failover): without it the first command on each
+    # stale connection fails. Appends are idempotent by event id, so a retry never doubles
+    # one.
+    options: dict[str, Any] = {
+        "health_check_interval": 10, "socket_connect_timeout": SOCKET_TIMEOUT_S,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "retry_on_error": [RedisConnectionError]}
+    if url.startswith("redis+sentinel://"):
+        sentinels, service, kwargs = parse_sentinel_url(url)
+        # The same bounds for the master's connections (a frozen master must fail calls as
+        # a frozen single Redis does), and for the questions to the sentinels.
+        sentinel = aioredis.Sentinel(  # type: ignore[no-untyped-call]
+            sentinels, sentinel_kwargs={"socket_timeout": SOCKET_TIMEOUT_S,
+                                        "socket_connect_timeout": SOCKET_TIMEOUT_S},
+            **{**options, **kwargs})
+        master: aioredis.Redis = sentinel.master_for(service or "mymaster",
+                                                     max_connections=max_connections)
+        return master
     # A blocking pool: past ``max_connections`` in use, a command waits for one to be
     # released instead of failing (history reads are bounded apart, see history()).
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=POOL_WAIT_S,
-        health_check_interval=10, socket_connect_timeout=SOCKET_TIMEOUT_S,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        retry_on_error=[RedisConnectionError])
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, **options)
     return aioredis.Redis.from_pool(pool)
 
 
