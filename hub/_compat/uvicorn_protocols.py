@@ -48,6 +48,7 @@ from uvicorn.server import ServerState
 from hub.auth import PEER_KEY  # the TCP peer's address, in every HTTP and WebSocket scope
 from hub.closing import ClosingTransport, closing_transport
 from hub.config import Settings
+from hub.logs import RateLimitedLog
 
 log = logging.getLogger("hub.http")
 
@@ -159,24 +160,6 @@ class PendingConnections:
             del self.by_address[address]
 
 
-class _RateLimitedLog:
-    """One line per reason per interval, with the number suppressed since the last one."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, reason: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -self.interval) < self.interval:
-            self._suppressed[reason] += 1
-            return
-        self._last[reason] = now
-        more = self._suppressed.pop(reason, 0)
-        log.warning("%s%s", message, f" (and {more} more since the last report)" if more else "")
-
-
 class HubConfig(Config):
     """``uvicorn.Config`` carrying hub's limits and the state its protocols share."""
 
@@ -184,7 +167,7 @@ class HubConfig(Config):
         super().__init__(app, **kwargs)
         self.limits = limits
         self.pending = PendingConnections(limits)
-        self.refusal_log = _RateLimitedLog()
+        self.refusal_log = RateLimitedLog(log)
 
 
 def _response(status: int, message: str, default_headers: list[tuple[bytes, bytes]],
@@ -268,8 +251,8 @@ class HubHttpProtocol(HttpToolsProtocol):
     def _stalled(self) -> None:
         self._stall = None
         self.hub_config.refusal_log.warning(
-            "stalled", f"aborting a connection from {self.client[0] if self.client else '?'}"
-            ": it has not read its responses")
+            "stalled", "aborting a connection from %s: it has not read its responses",
+            self.client[0] if self.client else "?")
         self.transport.abort()
 
     def eof_received(self) -> None:
@@ -399,8 +382,8 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         if status != 503:
             self.hub_config.refusal_log.warning(
-                str(status), f"refused a request from {self.client[0] if self.client else '?'}"
-                f": {status} {message}")
+                str(status), "refused a request from %s: %s %s",
+                self.client[0] if self.client else "?", status, message)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if cycle.scope is not self.scope:

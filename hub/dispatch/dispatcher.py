@@ -30,6 +30,7 @@ from hub.events import (
     now_timestamp,
     parse_timestamp,
 )
+from hub.logs import RateLimitedLog
 from hub.metrics import Metrics
 
 log = logging.getLogger("hub.dispatch")
@@ -45,32 +46,6 @@ SHARED_PAGES = 4
 SHARED_PAGE_TTL_S = 1.0
 # How long a replay waits for room before it checks whether the connection is gone.
 ROOM_POLL_S = 1.0
-
-
-class RateLimitedLog:
-    """Log a recurring problem once, then at most once per ``every_s`` per key, with how
-    many were not logged in between: a flood of bad input must not flood the log."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 10.0,
-                 max_keys: int = 256) -> None:
-        self._log = logger
-        self._every_s = every_s
-        self._max_keys = max_keys
-        self._last: dict[str, tuple[float, int]] = {}  # key -> (logged at, suppressed)
-
-    def warning(self, key: str, message: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        logged_at, suppressed = self._last.get(key, (-1e18, 0))
-        if now - logged_at < self._every_s:
-            self._last[key] = (logged_at, suppressed + 1)
-            return
-        if len(self._last) >= self._max_keys and key not in self._last:
-            self._last.pop(next(iter(self._last)))
-        self._last[key] = (now, 0)
-        if suppressed:
-            message += " (%d more like it since the last report)"
-            args = (*args, suppressed)
-        self._log.warning(message, *args, exc_info=exc_info)
 
 
 @dataclass(frozen=True, slots=True)
