@@ -110,6 +110,9 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     require_exp: bool = True
     max_token_lifetime_s: float = 7 * 24 * 3600
+    # A token_expiring notice goes out this long before a connection's token expires, so
+    # the client can refresh in-band ({"action": "refresh"}, README "Token refresh").
+    token_expiring_lead_s: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -226,6 +229,8 @@ class Settings:
                      "ping_timeout_s", "max_token_lifetime_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number of seconds")
+        if self.token_expiring_lead_s < 0:
+            raise ConfigError("HUB_TOKEN_EXPIRING_LEAD_S must not be negative")
         if self.max_body_bytes < 0:
             raise ConfigError("HUB_MAX_BODY_BYTES must not be negative (0: automatic)")
         for proxy in self.trusted_proxies:

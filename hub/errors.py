@@ -46,6 +46,7 @@ class ErrorCode(enum.StrEnum):
     WRONG_CLAIMS = "wrong_claims"
     NO_SIGNING_KEY = "no_signing_key"
     FORBIDDEN = "forbidden"
+    SUBJECT_MISMATCH = "subject_mismatch"  # a refresh token for another user or tenant
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     # client messages and subscriptions
     INVALID_JSON = "invalid_json"

@@ -21,6 +21,7 @@ class Action(enum.Enum):
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
     PING = "ping"
+    REFRESH = "refresh"  # {"action": "refresh", "token": "<jwt>"} -> token_refreshed
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class ClientMessage:
     action: Action
     event_types: Any = None  # validated against the known types by the dispatcher
     last_event_id: Any = None
+    token: str | None = None  # for REFRESH
 
 
 def parse_client_message(text: str) -> ClientMessage:
@@ -47,6 +49,12 @@ def parse_client_message(text: str) -> ClientMessage:
                             code=ErrorCode.UNKNOWN_ACTION) from None
     if action is Action.PING:
         return ClientMessage(action)
+    if action is Action.REFRESH:
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("refresh needs a token (a non-empty string)",
+                                code=ErrorCode.MISSING_TOKEN)
+        return ClientMessage(action, token=token)
     if "event_types" not in message:
         raise ProtocolError(f"{action.value} needs an event_types list",
                             code=ErrorCode.INVALID_EVENT_TYPES)

@@ -27,8 +27,8 @@ from hub.connection import (
     Path,
     Services,
     Subscriber,
+    TokenLifetime,
     count_slow,
-    schedule_expiry,
 )
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import Event
@@ -98,7 +98,7 @@ class SocketIOConnection(Subscriber):
         self._transport = transport
         self._server = transport.sio
         self._limit = transport.hub.settings.outbox_limit
-        self.expiry: asyncio.TimerHandle | None = None
+        self.lifetime: TokenLifetime | None = None
         self.outbox = Outbox(self._limit, path=Path.QUEUED)
         self.hold_limit = self._limit
 
@@ -283,6 +283,7 @@ class SocketIOTransport:
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("subscribe", self._subscribe)
         self.sio.on("unsubscribe", self._unsubscribe)
+        self.sio.on("refresh", self._refresh)
         self._engineio_app = socketio.ASGIApp(self.sio, socketio_path=None)
         # The WebSocket carrying each Engine.IO session that engine.io accepted on one
         # (from the start, or once an upgrade's UPGRADE packet arrived), for direct frame
@@ -532,8 +533,10 @@ class SocketIOTransport:
             "instance_id": self.hub.settings.instance_id,
             "event_types": self.hub.dispatcher.subscribed_to(conn),
         })
-        conn.expiry = schedule_expiry(principal, self.hub.verifier.leeway,
-                                      lambda: self._expire(conn))
+        conn.lifetime = TokenLifetime(
+            conn, leeway=self.hub.verifier.leeway,
+            lead=self.hub.settings.token_expiring_lead_s,
+            expire=lambda: self._expire(conn), notify=conn.emit_now)
         if last_event_id is None:
             # Until its first message: it may be a subscribe that resumes.
             conn.hold_for_first_message(self.hub.settings.resume_hold_s)
@@ -553,8 +556,8 @@ class SocketIOTransport:
         if self._by_eio.get(conn.eio_sid) is conn:
             del self._by_eio[conn.eio_sid]
         conn.outbox.abort()
-        if conn.expiry is not None:
-            conn.expiry.cancel()
+        if conn.lifetime is not None:
+            conn.lifetime.cancel()
         self.hub.dispatcher.remove(conn)
         self.hub.limits.release(conn.principal.user_id)
         self.hub.metrics.connections.labels(conn.transport).dec()
@@ -642,6 +645,22 @@ class SocketIOTransport:
         finally:
             conn.first_message_seen()
         return dispatcher.subscription_reply(conn, types)
+
+    async def _refresh(self, sid: str, data: Any = None) -> dict[str, Any]:
+        """``refresh`` with ``{token}`` (or the token as a string): the ack carries the new
+        ``exp``, or an ``error`` and the old token (and its expiry) stands."""
+        conn = self.connections.get(sid)
+        if conn is None or conn.lifetime is None:
+            return _error(ProtocolError("not connected", code=ErrorCode.NOT_CONNECTED))
+        token = data.get("token") if isinstance(data, dict) else data
+        try:
+            conn.lifetime.refresh(self.hub.verifier, token)
+        except AuthError as exc:
+            self.hub.metrics.auth_failures.labels(exc.code).inc()
+            return {"error": {"code": exc.code, "message": exc.message}}
+        finally:
+            conn.first_message_seen()
+        return conn.lifetime.refreshed_message()
 
     async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:
         return (await self.hub.dispatcher.resume(conn, last_event_id)).message()

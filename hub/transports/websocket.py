@@ -26,8 +26,8 @@ from hub.connection import (
     Path,
     Services,
     Subscriber,
+    TokenLifetime,
     count_slow,
-    schedule_expiry,
 )
 from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
@@ -76,6 +76,7 @@ class PlainConnection(Subscriber):
         self._on_abort = on_abort
         self.resume_task: asyncio.Task[Any] | None = None
         self.hold_limit = outbox_limit
+        self.lifetime: TokenLifetime | None = None
 
     @property
     def frame_path(self) -> str:
@@ -229,8 +230,10 @@ class PlainTransport:
             "instance_id": hub.settings.instance_id,
             "event_types": hub.dispatcher.subscribed_to(conn),
         }))
-        expiry = schedule_expiry(principal, hub.verifier.leeway, lambda: conn.abort(
-            CloseCode.UNAUTHORIZED, "token expired"))
+        conn.lifetime = TokenLifetime(
+            conn, leeway=hub.verifier.leeway, lead=hub.settings.token_expiring_lead_s,
+            expire=lambda: conn.abort(CloseCode.UNAUTHORIZED, "token expired"),
+            notify=conn.send_control)
         try:
             last_event_id = websocket.headers.get("last-event-id")
             if last_event_id:
@@ -243,8 +246,7 @@ class PlainTransport:
                 conn.hold_for_first_message(hub.settings.resume_hold_s)
             await self._read(websocket, conn)
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            conn.lifetime.cancel()
             if conn.resume_task is not None:
                 conn.resume_task.cancel()
             hub.dispatcher.remove(conn)
@@ -299,6 +301,9 @@ class PlainTransport:
         if message.action is Action.PING:
             conn.enqueue(control("pong"))
             return
+        if message.action is Action.REFRESH:
+            self._refresh(conn, message.token)
+            return
         types = dispatcher.check_types(message.event_types)
         if message.action is Action.SUBSCRIBE:
             dispatcher.subscribe(conn, types)
@@ -307,6 +312,19 @@ class PlainTransport:
         conn.enqueue(control("subscription_updated", dispatcher.subscription_reply(conn, types)))
         if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
             self._resume(conn, message.last_event_id)
+
+    def _refresh(self, conn: PlainConnection, token: str | None) -> None:
+        """In-band refresh: ``token_refreshed`` with the new ``exp``, or an ``error`` and
+        the old token (and its expiry) stands."""
+        lifetime = conn.lifetime
+        assert lifetime is not None
+        try:
+            lifetime.refresh(self.hub.verifier, token)
+        except AuthError as exc:
+            self.hub.metrics.auth_failures.labels(exc.code).inc()
+            conn.send_control("error", {"code": exc.code, "message": exc.message})
+            return
+        conn.send_control("token_refreshed", lifetime.refreshed_message())
 
     def _resume(self, conn: PlainConnection, last_event_id: object) -> None:
         """Start a replay (raises ProtocolError at once for a bad id or while one runs);

@@ -1,0 +1,134 @@
+"""In-band token refresh and the token_expiring notice (issue 15, item 1), on both
+transports: a connection outlives several short token lifetimes by refreshing, and a
+refresh that fails (another subject, a bad or expired token) leaves the old expiry in force."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from hub.config import Settings
+from hub.protocol import Action, parse_client_message
+from tests.conftest import make_settings, make_token, run_hub
+from tests.helpers import THREAT, close_code, connected, recv_type, send_json
+from tests.sio_helpers import SioClient
+
+TTL = 2  # seconds: each token lives this long
+LIFETIMES = 3
+
+
+def _settings() -> Settings:
+    # The notice comes a second before exp: a client refreshing on it keeps its connection.
+    return make_settings(token_expiring_lead_s=1.0)
+
+
+def test_refresh_message_parses_and_needs_a_token() -> None:
+    assert parse_client_message('{"action": "refresh", "token": "abc"}').token == "abc"
+    assert parse_client_message('{"action": "refresh", "token": "abc"}').action is Action.REFRESH
+    for bad in ('{"action": "refresh"}', '{"action": "refresh", "token": ""}',
+                '{"action": "refresh", "token": 5}'):
+        with pytest.raises(Exception, match="refresh needs a token") as info:
+            parse_client_message(bad)
+        assert getattr(info.value, "code", None) == "missing_token"
+
+
+async def test_websocket_stays_connected_across_three_lifetimes_by_refreshing() -> None:
+    async with run_hub(_settings()) as running:
+        first = make_token(ttl=TTL)
+        ws = await connected(running.ws_url, first)
+        until = time.time() + LIFETIMES * TTL + 1
+        refreshes = 0
+        exp = 0.0
+        while time.time() < until:
+            notice = await recv_type(ws, "token_expiring", timeout=TTL + 5)
+            assert notice["data"]["exp"] >= exp  # the notice is for the current token
+            await send_json(ws, {"action": "refresh", "token": make_token(ttl=TTL)})
+            reply = await recv_type(ws, "token_refreshed")
+            assert reply["data"]["user_id"] == "alice"
+            assert reply["data"]["exp"] >= notice["data"]["exp"]
+            exp = reply["data"]["exp"]
+            refreshes += 1
+        assert refreshes >= LIFETIMES
+        # Still open and delivering, long past the first token's exp.
+        event = await running.publish("threat_detected", THREAT)
+        assert (await recv_type(ws, "threat_detected"))["id"] == event.id
+        # Stop refreshing: the last token's expiry closes it.
+        assert await close_code(ws, timeout=TTL + 10) == (4003, "token expired")
+
+
+@pytest.mark.parametrize("bad_token, code", [
+    (lambda: make_token("mallory", ttl=3600), "subject_mismatch"),
+    (lambda: make_token(ttl=3600, tenant_id="globex"), "subject_mismatch"),
+    (lambda: make_token(ttl=3600, secret="another-secret-that-is-long-enough-32b"),
+     "bad_signature"),
+    (lambda: make_token(ttl=-60), "token_expired"),
+    (lambda: "not-a-jwt", "malformed_token"),
+])
+async def test_websocket_failed_refresh_is_an_error_and_the_old_expiry_stands(
+        bad_token: Any, code: str) -> None:
+    async with run_hub(_settings()) as running:
+        ws = await connected(running.ws_url, make_token(ttl=TTL))
+        await send_json(ws, {"action": "refresh", "token": bad_token()})
+        error = await recv_type(ws, "error")
+        assert error["data"]["code"] == code
+        assert await close_code(ws, timeout=TTL + 10) == (4003, "token expired")
+
+
+async def test_websocket_refresh_extends_a_token_without_exp_notice() -> None:
+    # No lead: no notice, but a refresh still moves the expiry.
+    async with run_hub(make_settings(token_expiring_lead_s=0)) as running:
+        ws = await connected(running.ws_url, make_token(ttl=TTL))
+        await send_json(ws, {"action": "refresh", "token": make_token(ttl=3600)})
+        reply = await recv_type(ws, "token_refreshed")
+        assert reply["data"]["exp"] > time.time() + 3000
+        # Time passes beyond the first token's exp (nothing to await: it is the clock):
+        await asyncio.sleep(TTL + 1)
+        await send_json(ws, {"action": "ping"})
+        assert (await recv_type(ws, "pong"))["type"] == "pong"
+        await ws.close()
+
+
+class _RefreshingSio(SioClient):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expiring: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def on_expiring(data: dict[str, Any]) -> None:
+            await self.expiring.put(data)
+        self.client.on("token_expiring", on_expiring)
+
+
+async def test_socketio_stays_connected_across_three_lifetimes_by_refreshing() -> None:
+    async with run_hub(_settings()) as running:
+        client = _RefreshingSio()
+        await client.connect(running.url, auth={"token": make_token(ttl=TTL)})
+        until = time.time() + LIFETIMES * TTL + 1
+        refreshes = 0
+        while time.time() < until:
+            notice = await asyncio.wait_for(client.expiring.get(), TTL + 5)
+            assert "exp" in notice
+            ack = await client.client.call("refresh", {"token": make_token(ttl=TTL)},
+                                           timeout=10)
+            assert ack["user_id"] == "alice" and ack["exp"] >= notice["exp"]
+            refreshes += 1
+        assert refreshes >= LIFETIMES
+        assert not client.disconnected.is_set()
+        event = await running.publish("threat_detected", THREAT)
+        assert (await client.next_event())["id"] == event.id
+        await asyncio.wait_for(client.disconnected.wait(), TTL + 10)
+        assert (await client.next_other("token_expired"))["code"] == 4003
+
+
+async def test_socketio_refresh_with_another_subject_is_refused() -> None:
+    async with run_hub(_settings()) as running:
+        client = _RefreshingSio()
+        await client.connect(running.url, auth={"token": make_token(ttl=TTL)})
+        ack = await client.client.call("refresh", {"token": make_token("mallory")}, timeout=10)
+        assert ack["error"]["code"] == "subject_mismatch"
+        ack = await client.client.call("refresh", {}, timeout=10)
+        assert ack["error"]["code"] == "missing_token"
+        await asyncio.wait_for(client.disconnected.wait(), TTL + 10)
+        assert (await client.next_other("token_expired"))["code"] == 4003
