@@ -12,6 +12,13 @@ hub restart, a deploy (close 1001) or a slow-consumer disconnect (4008) loses no
 hub still retains and yields nothing twice. A refused token (close 4003) raises
 :class:`AuthenticationFailed` at once: retrying with the same token cannot succeed.
 
+The token may be a *source* instead of a string: a callable returning the current token
+(or an awaitable of it), e.g. :func:`token_file` that re-reads a file. With a source the
+client refreshes in-band when the hub says ``token_expiring`` and connects with a fresh
+token after a disconnect, so it outlives its tokens::
+
+    async for event in subscribe(url, token_file("/run/secrets/hub-token")): ...
+
 Exceptions (all derive from :class:`~hub.errors.HubError`)::
 
     ClientError
@@ -25,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,7 +58,7 @@ from hub.errors import (
 from hub.events import Event
 
 __all__ = ["AuthenticationFailed", "ClientError", "ConnectionLost", "Notice", "NoticeKind",
-           "SubscriptionRefused", "subscribe"]
+           "SubscriptionRefused", "TokenSource", "subscribe", "token_file"]
 
 log = logging.getLogger("hub.client")
 
@@ -65,6 +74,7 @@ class NoticeKind(enum.Enum):
     RESUMED = "resumed"  # data: replayed, last_event_id, truncated
     HISTORY_TRUNCATED = "history_truncated"  # data: last_event_id, first_retained_id
     ERROR = "error"  # a non-fatal error message from the hub; data: code, message
+    TOKEN_REFRESHED = "token_refreshed"  # data: user_id, exp
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +84,29 @@ class Notice:
     kind: NoticeKind
     message: str
     data: dict[str, Any] = field(default_factory=dict)
+
+
+# A token, or where to get the current one (called at each connect and each refresh).
+TokenSource = str | Callable[[], str | Awaitable[str]]
+
+
+def token_file(path: str | Path) -> Callable[[], str]:
+    """A token source that re-reads ``path`` each time (a file a sidecar keeps fresh)."""
+    file = Path(path).expanduser()
+
+    def read() -> str:
+        return file.read_text().strip()
+    return read
+
+
+async def current_token(source: TokenSource) -> str:
+    """The token ``source`` holds now."""
+    if isinstance(source, str):
+        return source
+    value = source()
+    if inspect.isawaitable(value):
+        value = await value
+    return str(value).strip()
 
 
 def events_url(url: str) -> str:
@@ -94,7 +127,7 @@ class Subscription:
     """The async iterator :func:`subscribe` returns. ``last_event_id`` is the id of the
     last event yielded (the resume point), ``instance_id`` the instance serving it now."""
 
-    def __init__(self, url: str, token: str, *, types: Iterable[str] | None = None,
+    def __init__(self, url: str, token: TokenSource, *, types: Iterable[str] | None = None,
                  last_event_id: str | None = None, retry_for: float | None = None,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  on_notice: Callable[[Notice], None] | None = None,
@@ -147,8 +180,9 @@ class Subscription:
             code: int | None = None
             reason = ""
             try:
+                token = await current_token(self._token)
                 async with websockets.connect(
-                    self.url, additional_headers={"Authorization": f"Bearer {self._token}"},
+                    self.url, additional_headers={"Authorization": f"Bearer {token}"},
                     open_timeout=self._open_timeout, max_size=2**22,
                 ) as ws:
                     self._ws = ws
@@ -168,6 +202,7 @@ class Subscription:
                     raise AuthenticationFailed(f"HTTP {status}") from None
                 reason = f"HTTP {status} from {self.url}"
             except (OSError, InvalidHandshake, TimeoutError) as exc:
+                # (OSError includes a token file that cannot be read now: retried.)
                 reason = str(exc) or type(exc).__name__
             finally:
                 self._ws = None
@@ -229,12 +264,31 @@ class Subscription:
                              "some events were missed: the hub no longer retains events after "
                              f"{data.get('last_event_id')} (replay starts at "
                              f"{data.get('first_retained_id')})", **data)
+            elif kind == "token_expiring":
+                await self._refresh(ws, data)
+            elif kind == "token_refreshed":
+                self._notice(NoticeKind.TOKEN_REFRESHED,
+                             f"token refreshed (expires at {data.get('exp')})", **data)
             elif kind == "error":
                 code = str(data.get("code", ""))
                 text = str(data.get("message", ""))
                 if code in _FATAL_ERRORS:
                     raise SubscriptionRefused(text, code=code)
                 self._notice(NoticeKind.ERROR, f"hub error {code}: {text}", **data)
+
+    async def _refresh(self, ws: ClientConnection, data: dict[str, Any]) -> None:
+        """The hub says the token expires soon: send the source's current token."""
+        if isinstance(self._token, str):
+            self._notice(NoticeKind.ERROR, "the token expires soon and this client has no "
+                         "token source to refresh from", code=ErrorCode.TOKEN_EXPIRED, **data)
+            return
+        try:
+            token = await current_token(self._token)
+        except Exception as exc:  # a source that fails now may work at the next notice
+            self._notice(NoticeKind.ERROR, f"could not get a new token: {exc}",
+                         code=ErrorCode.MISSING_TOKEN)
+            return
+        await ws.send(orjson.dumps({"action": "refresh", "token": token}).decode())
 
     async def _subscribe(self, ws: ClientConnection, all_types: list[str]) -> None:
         if self.types is None and self.last_event_id is None:
@@ -248,7 +302,7 @@ class Subscription:
         await ws.send(orjson.dumps(message).decode())
 
 
-def subscribe(url: str, token: str, *, types: Iterable[str] | None = None,
+def subscribe(url: str, token: TokenSource, *, types: Iterable[str] | None = None,
               last_event_id: str | None = None, retry_for: float | None = None,
               on_notice: Callable[[Notice], None] | None = None,
               backoff_base: float = 0.5, backoff_cap: float = 30.0) -> Subscription:
@@ -258,7 +312,9 @@ def subscribe(url: str, token: str, *, types: Iterable[str] | None = None,
     the retained events after this id. ``retry_for``: give up with
     :class:`ConnectionLost` after this many seconds without a connection (default: never).
     ``on_notice`` is called with a :class:`Notice` on connect, disconnect, resume and
-    truncated history. Raises :class:`AuthenticationFailed` when the token is refused.
+    truncated history and refresh. Raises :class:`AuthenticationFailed` when the token is
+    refused. ``token`` may be a source (a callable, e.g. :func:`token_file`): then the
+    client refreshes in-band when told ``token_expiring``.
     """
     return Subscription(url, token, types=types, last_event_id=last_event_id,
                         retry_for=retry_for, on_notice=on_notice,

@@ -132,3 +132,111 @@ async def test_socketio_refresh_with_another_subject_is_refused() -> None:
         assert ack["error"]["code"] == "missing_token"
         await asyncio.wait_for(client.disconnected.wait(), TTL + 10)
         assert (await client.next_other("token_expired"))["code"] == 4003
+
+
+# -- hub.client and hub tail with a token source -----------------------------------------
+async def test_client_with_a_token_source_refreshes_by_itself() -> None:
+    from hub.client import Notice, NoticeKind, subscribe
+
+    async with run_hub(_settings()) as running:
+        issued: list[str] = []
+
+        def source() -> str:
+            issued.append(make_token(ttl=TTL))
+            return issued[-1]
+
+        notices: list[Notice] = []
+        refreshed = asyncio.Event()
+
+        def on_notice(notice: Notice) -> None:
+            notices.append(notice)
+            if sum(n.kind is NoticeKind.TOKEN_REFRESHED for n in notices) >= LIFETIMES + 1:
+                refreshed.set()
+
+        async with subscribe(running.url, source, on_notice=on_notice) as events:
+            iterator = aiter(events)
+            first = asyncio.ensure_future(anext(iterator))
+            started = time.time()
+            await asyncio.wait_for(refreshed.wait(), (LIFETIMES + 2) * TTL + 10)
+            # Past three lifetimes of the first token (the clock: nothing to await).
+            await asyncio.sleep(max(0.0, started + LIFETIMES * TTL - time.time()))
+            event = await running.publish("threat_detected", THREAT)
+            assert (await asyncio.wait_for(first, 10)).id == event.id
+        kinds = [n.kind for n in notices]
+        assert NoticeKind.DISCONNECTED not in kinds  # one connection all along
+        assert kinds.count(NoticeKind.CONNECTED) == 1
+        assert len(issued) >= LIFETIMES + 2  # the connect, then one per refresh
+
+
+async def test_client_token_file_is_re_read(tmp_path: Any) -> None:
+    from hub.client import current_token, token_file
+
+    path = tmp_path / "token"
+    path.write_text("one\n")
+    source = token_file(path)
+    assert await current_token(source) == "one"
+    path.write_text("two")
+    assert await current_token(source) == "two"
+
+
+async def test_hub_tail_token_file_refreshes_in_band(tmp_path: Any) -> None:
+    import os
+    import sys
+
+    from tests.conftest import ROOT
+
+    path = tmp_path / "token"
+
+    def write() -> None:  # a sidecar keeping the file fresh, replaced atomically
+        tmp = tmp_path / "token.new"
+        tmp.write_text(make_token(ttl=TTL))
+        tmp.replace(path)
+
+    write()
+
+    async def sidecar() -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            write()
+
+    async with run_hub(_settings()) as running:
+        keeper = asyncio.create_task(sidecar())
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hub", "tail", "--url", running.url, "--token-file",
+            str(path), "--json", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "NO_COLOR": ""})
+        try:
+            assert process.stderr is not None and process.stdout is not None
+            refreshes = 0
+            lines: list[str] = []
+            while refreshes < LIFETIMES + 1:
+                line = (await asyncio.wait_for(process.stderr.readline(), TTL + 10)).decode()
+                assert line, "hub tail exited: " + "".join(lines)
+                lines.append(line)
+                assert "connection lost" not in line
+                refreshes += "token refreshed" in line
+            event = await running.publish("threat_detected", THREAT)
+            out = await asyncio.wait_for(process.stdout.readline(), 10)
+            assert event.id in out.decode()
+            assert sum("connected to" in line for line in lines) == 1
+        finally:
+            keeper.cancel()
+            process.terminate()
+            await process.wait()
+
+
+def test_hub_tail_token_file_errors(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    missing = subprocess.run([sys.executable, "-m", "hub", "tail", "--token-file",
+                              str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT,
+                             timeout=30)
+    assert missing.returncode == 2 and "--token-file" in missing.stderr
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    result = subprocess.run([sys.executable, "-m", "hub", "tail", "--token-file", str(empty)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 2 and "empty" in result.stderr
