@@ -235,7 +235,8 @@ class TokenLifetime:
     Every transport uses this one: it calls ``notify(name, data)`` for the notice (the
     transport sends it in order with its events) and ``expire()`` at expiry."""
 
-    __slots__ = ("_expire", "_notice", "_notify", "_owner", "_timer", "lead", "leeway")
+    __slots__ = ("_expire", "_notice", "_noticed", "_notify", "_owner", "_timer", "lead",
+                 "leeway")
 
     def __init__(self, owner: Subscriber, *, leeway: float, lead: float,
                  expire: Callable[[], None],
@@ -247,6 +248,9 @@ class TokenLifetime:
         self._notify = notify
         self._timer: asyncio.TimerHandle | None = None
         self._notice: asyncio.TimerHandle | None = None
+        # The exp the notice was sent for: once per exp, so a refresh that does not move it
+        # (the same token again) gets no second notice at once, and no refresh loop.
+        self._noticed: float | None = None
         self._schedule()
 
     @property
@@ -261,7 +265,7 @@ class TokenLifetime:
         loop = asyncio.get_running_loop()
         now = time.time()
         self._timer = loop.call_later(max(0.0, expires_at + self.leeway - now), self._expire)
-        if self.lead > 0:
+        if self.lead > 0 and self._noticed != expires_at:
             # A token that lives less than the lead is told at once: refresh now.
             self._notice = loop.call_later(max(0.0, expires_at - self.lead - now),
                                            self._expiring)
@@ -271,6 +275,7 @@ class TokenLifetime:
         expires_at = self.expires_at
         if expires_at is None:
             return
+        self._noticed = expires_at
         self._notify("token_expiring", {
             "exp": expires_at, "expires_in_s": round(max(0.0, expires_at - time.time()), 3),
             "message": "the token expires soon; send a refresh with a new token",

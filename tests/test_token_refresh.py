@@ -77,6 +77,26 @@ async def test_websocket_failed_refresh_is_an_error_and_the_old_expiry_stands(
         assert await close_code(ws, timeout=TTL + 10) == (4003, "token expired")
 
 
+async def test_refresh_with_the_same_token_gets_no_second_notice() -> None:
+    # A client that re-reads a file nobody has renewed yet sends the same token: it is told
+    # once, not flooded with notices (and its refreshes with them) until the expiry.
+    import orjson
+    import websockets
+
+    async with run_hub(_settings()) as running:
+        token = make_token(ttl=TTL)
+        ws = await connected(running.ws_url, token)
+        await recv_type(ws, "token_expiring", timeout=TTL + 5)
+        await send_json(ws, {"action": "refresh", "token": token})
+        seen = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                seen.append(orjson.loads(await asyncio.wait_for(ws.recv(), TTL + 10))["type"])
+        assert seen.count("token_refreshed") == 1
+        assert "token_expiring" not in seen
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
+
+
 async def test_websocket_refresh_extends_a_token_without_exp_notice() -> None:
     # No lead: no notice, but a refresh still moves the expiry.
     async with run_hub(make_settings(token_expiring_lead_s=0)) as running:
