@@ -34,6 +34,7 @@ import contextlib
 import enum
 import inspect
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -146,6 +147,10 @@ class Subscription:
         self._ws: ClientConnection | None = None
         self._gen: AsyncGenerator[Event, None] | None = None
         self._closed = False
+        # The token_expiring notice being answered, and a refresh retried after one that
+        # did not extend the token.
+        self._expiring: dict[str, Any] | None = None
+        self._retry: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> AsyncIterator[Event]:
         if self._gen is None:
@@ -206,9 +211,16 @@ class Subscription:
                 reason = str(exc) or type(exc).__name__
             finally:
                 self._ws = None
+                self._expiring = None
+                if self._retry is not None:
+                    self._retry.cancel()
+                    self._retry = None
             if self._closed:
                 return
-            if code == CloseCode.UNAUTHORIZED:
+            if code == CloseCode.UNAUTHORIZED and not (
+                    reason == "token expired" and not isinstance(self._token, str)):
+                # (An expiry with a token source: the source may hold a newer token now, so
+                # reconnect and resume; a source whose token is refused raises then.)
                 raise AuthenticationFailed(reason)
             if code == CloseCode.GOING_AWAY:
                 # A deploy or a restart: another instance (or this one, back) will serve us.
@@ -265,8 +277,17 @@ class Subscription:
                              f"{data.get('last_event_id')} (replay starts at "
                              f"{data.get('first_retained_id')})", **data)
             elif kind == "token_expiring":
+                self._expiring = data
                 await self._refresh(ws, data)
             elif kind == "token_refreshed":
+                expiring, self._expiring = self._expiring, None
+                old, new = (expiring or {}).get("exp"), data.get("exp")
+                if (isinstance(old, int | float) and isinstance(new, int | float)
+                        and new <= old):
+                    # The source holds no newer token yet (a file not renewed): ask it
+                    # again shortly, until the old one expires.
+                    self._retry_refresh(ws, expiring or {})
+                    continue
                 self._notice(NoticeKind.TOKEN_REFRESHED,
                              f"token refreshed (expires at {data.get('exp')})", **data)
             elif kind == "error":
@@ -275,6 +296,21 @@ class Subscription:
                 if code in _FATAL_ERRORS:
                     raise SubscriptionRefused(text, code=code)
                 self._notice(NoticeKind.ERROR, f"hub error {code}: {text}", **data)
+
+    def _retry_refresh(self, ws: ClientConnection, notice: dict[str, Any]) -> None:
+        exp = notice.get("exp")
+        left = (exp - time.time()) if isinstance(exp, int | float) else 0.0
+        if left <= 0:
+            return
+
+        async def again() -> None:
+            await asyncio.sleep(min(0.5, left / 2))
+            self._expiring = notice
+            with contextlib.suppress(ConnectionClosed):
+                await self._refresh(ws, notice)
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = asyncio.get_running_loop().create_task(again())
 
     async def _refresh(self, ws: ClientConnection, data: dict[str, Any]) -> None:
         """The hub says the token expires soon: send the source's current token."""

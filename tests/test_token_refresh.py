@@ -260,3 +260,32 @@ def test_hub_tail_token_file_errors(tmp_path: Any) -> None:
     result = subprocess.run([sys.executable, "-m", "hub", "tail", "--token-file", str(empty)],
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert result.returncode == 2 and "empty" in result.stderr
+
+
+async def test_client_with_a_stale_source_reconnects_after_expiry_and_resumes() -> None:
+    # The source's token is not renewed before exp (a late sidecar): the refresh does not
+    # help, the connection expires, and the client reconnects with the source's newer token
+    # and resumes, instead of giving up as it does with a fixed token.
+    from hub.client import Notice, NoticeKind, subscribe
+
+    async with run_hub(_settings()) as running:
+        current = [make_token(ttl=TTL)]
+        notices: list[Notice] = []
+        reconnected = asyncio.Event()
+
+        def on_notice(notice: Notice) -> None:
+            notices.append(notice)
+            if notice.kind is NoticeKind.DISCONNECTED:
+                current[0] = make_token(ttl=3600)  # renewed, late
+            if sum(n.kind is NoticeKind.CONNECTED for n in notices) == 2:
+                reconnected.set()
+
+        async with subscribe(running.url, lambda: current[0], on_notice=on_notice,
+                             backoff_base=0.1) as events:
+            iterator = aiter(events)
+            first = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait_for(reconnected.wait(), TTL + 20)
+            event = await running.publish("threat_detected", THREAT)
+            assert (await asyncio.wait_for(first, 10)).id == event.id
+        disconnects = [n for n in notices if n.kind is NoticeKind.DISCONNECTED]
+        assert disconnects[0].data["code"] == 4003
