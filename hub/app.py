@@ -34,6 +34,7 @@ from hub.idempotency import IdempotencyKeys
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.refusals import RefusalTracker
+from hub.revocations import Revocation, Revocations
 from hub.transports.frames import COALESCER_KEY, SEND_KEY, WriteCoalescer
 from hub.transports.sio_manager import close_manager, manager_for
 from hub.transports.socketio import SocketIOTransport
@@ -75,6 +76,11 @@ class Hub:
         self.sio_manager = manager_for(getattr(backend, "redis", None),
                                        settings.socketio_channel)
         self.socketio = SocketIOTransport(self, self.sio_manager)
+        # Revocations (hub.revocations): checked by the verifier at connect, refresh and
+        # publish; each one closes the matching connections of both transports.
+        self.revocations = Revocations(settings, getattr(backend, "redis", None),
+                                       self._revoked)
+        self.verifier.revoked = self.revocations.check
         self.http = HttpApi(self)
         self.started_at: float | None = None
         self._drained = False
@@ -102,6 +108,13 @@ class Hub:
             on_malformed=self.metrics.malformed_entries.inc,
         )
 
+    def _revoked(self, revocation: Revocation) -> None:
+        closed = (self.websocket.revoke(revocation.covers)
+                  + self.socketio.revoke(revocation.covers))
+        if closed:
+            log.warning("closed %d connection(s) after the revocation of %s %s", closed,
+                        revocation.kind.value, revocation.value)
+
     def _redis_health(self, values: dict[str, float]) -> None:
         self.metrics.reader_lag.set(values["reader_lag_s"])
         self.metrics.round_trip.set(values["round_trip_s"])
@@ -117,6 +130,7 @@ class Hub:
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         await self.dispatcher.start()
+        await self.revocations.start()
         # python-socketio starts its Redis listener only at the first Socket.IO connection;
         # start it now, so external emitters reach this instance from the first client on.
         sio = self.socketio.sio
@@ -147,6 +161,7 @@ class Hub:
         if backend_drain is not None:
             await backend_drain(self.settings.shutdown_timeout_s)
         await close_manager(self.sio_manager)
+        await self.revocations.stop()
         await self.dispatcher.stop()
 
     async def _announce(self, status: str, message: str) -> Event | None:
@@ -229,6 +244,7 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
         Route("/events", hub.http.publish, methods=["POST"]),
         Route("/metrics", hub.http.metrics, methods=["GET"]),
         Route("/openapi.json", hub.http.openapi, methods=["GET"]),
+        Route("/admin/revocations", hub.http.revocations, methods=["GET", "POST"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),
     ]
     static = resources.files("hub") / "static" / "dashboard"

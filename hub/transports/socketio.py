@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -565,6 +566,16 @@ class SocketIOTransport:
     def _expire(self, conn: SocketIOConnection) -> None:
         conn.emit_now("token_expired", {"code": CloseCode.UNAUTHORIZED, "message": "token expired"})
         self._kick(conn)
+
+    def revoke(self, covers: Callable[[Principal], bool]) -> int:
+        """Disconnect the connections whose token is revoked, after a ``token_revoked``
+        event."""
+        closing = [c for c in self.connections.values() if covers(c.principal) and not c.kicked]
+        for conn in closing:
+            conn.emit_now("token_revoked", {"code": CloseCode.UNAUTHORIZED,
+                                            "message": "token revoked"})
+            self._kick(conn)
+        return len(closing)
 
     def kick_failed(self, conn: SocketIOConnection) -> None:
         self._kick(conn, drop_queue=True)

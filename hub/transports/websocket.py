@@ -333,6 +333,13 @@ class PlainTransport:
         conn.resume_task = task
         task.add_done_callback(lambda done: _resumed(conn, done))
 
+    def revoke(self, covers: Callable[[Principal], bool]) -> int:
+        """Close the connections whose token is revoked (4003 ``token revoked``)."""
+        closing = [c for c in self.connections if covers(c.principal)]
+        for conn in closing:
+            conn.abort(CloseCode.UNAUTHORIZED, "token revoked")
+        return len(closing)
+
     async def shutdown(self) -> None:
         """Flush every outbox, then close each connection with 1001."""
         for conn in tuple(self.connections):
