@@ -154,10 +154,11 @@ async def test_a_refresh_with_a_revoked_token_is_refused(
 async def test_an_instance_started_later_knows_earlier_revocations(
         redis_server: RedisServer) -> None:
     settings = make_settings(redis_url=redis_server.url)
+    henry = make_token("henry")  # issued before the revocation
     async with run_hub(settings) as a:
         assert (await revoke(a, user_id="henry")).status_code == 201
     async with run_hub(settings.replace(instance_id="later")) as later:
-        assert await refused(later, make_token("henry")) == (4003, "token revoked")
+        assert await refused(later, henry) == (4003, "token revoked")
 
 
 async def test_admin_endpoint_checks_the_caller_and_the_body() -> None:
@@ -204,3 +205,33 @@ def test_revocation_expires_with_the_tokens_it_covers() -> None:
     assert not revocation.covers(who(now - 5, "lee"))
     assert Revocation.from_json(b"{not json") is None
     assert Revocation.from_json(b'{"kind": "nope"}') is None
+
+
+async def test_hub_revoke_cli(two_hubs: tuple[RunningHub, RunningHub]) -> None:
+    import os
+    import sys
+
+    from tests.conftest import ROOT, SECRET
+
+    a, b = two_hubs
+    ws = await connected(b.ws_url, make_token("mike"))
+    env = {k: v for k, v in os.environ.items() if k != "HUB_TOKEN"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub", "revoke", "--user", "mike", "--reason", "left",
+        "--url", a.url, "--by", "ops-oncall", cwd=ROOT, env={**env, "JWT_SECRET": SECRET},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    import orjson
+
+    reply = orjson.loads(out)
+    assert (reply["kind"], reply["value"], reply["by"]) == ("user_id", "mike", "ops-oncall")
+    assert await close_code(ws, timeout=5) == (4003, "token revoked")
+    # A viewer's token is refused, and says where it came from.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub", "revoke", "--jti", "x", "--url", a.url, "--token",
+        make_token("nina", "viewer"), cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert "revocation refused (403)" in err.decode() and "--token" in err.decode()
