@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from typing import Any
 
@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from hub._version import __version__
 from hub.auth import OriginPolicy, TokenVerifier
 from hub.config import Settings
+from hub.connection import Subscriber
 from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
 from hub.errors import BackendUnavailable, CloseCode, ErrorCode
@@ -34,6 +35,7 @@ from hub.idempotency import IdempotencyKeys
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.refusals import RefusalTracker
+from hub.registry import ConnectionRegistry
 from hub.revocations import Revocation, Revocations
 from hub.transports.frames import COALESCER_KEY, SEND_KEY, WriteCoalescer
 from hub.transports.sio_manager import close_manager, manager_for
@@ -81,6 +83,9 @@ class Hub:
         self.revocations = Revocations(settings, getattr(backend, "redis", None),
                                        self._revoked)
         self.verifier.revoked = self.revocations.check
+        self.registry = ConnectionRegistry(
+            settings, getattr(backend, "redis", None), self._all_connections,
+            lambda conn: sorted(conn.types) if conn.types is not None else None)
         self.http = HttpApi(self)
         self.started_at: float | None = None
         self._drained = False
@@ -108,6 +113,10 @@ class Hub:
             on_malformed=self.metrics.malformed_entries.inc,
         )
 
+    def _all_connections(self) -> Iterator[Subscriber]:
+        yield from self.websocket.connections
+        yield from self.socketio.connections.values()
+
     def _revoked(self, revocation: Revocation) -> None:
         closed = (self.websocket.revoke(revocation.covers)
                   + self.socketio.revoke(revocation.covers))
@@ -131,6 +140,7 @@ class Hub:
     async def start(self) -> None:
         await self.dispatcher.start()
         await self.revocations.start()
+        await self.registry.start()
         # python-socketio starts its Redis listener only at the first Socket.IO connection;
         # start it now, so external emitters reach this instance from the first client on.
         sio = self.socketio.sio
@@ -162,6 +172,7 @@ class Hub:
             await backend_drain(self.settings.shutdown_timeout_s)
         await close_manager(self.sio_manager)
         await self.revocations.stop()
+        await self.registry.stop()
         await self.dispatcher.stop()
 
     async def _announce(self, status: str, message: str) -> Event | None:
@@ -245,6 +256,7 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
         Route("/metrics", hub.http.metrics, methods=["GET"]),
         Route("/openapi.json", hub.http.openapi, methods=["GET"]),
         Route("/admin/revocations", hub.http.revocations, methods=["GET", "POST"]),
+        Route("/admin/connections", hub.http.connections, methods=["GET"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),
     ]
     static = resources.files("hub") / "static" / "dashboard"

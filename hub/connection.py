@@ -341,6 +341,7 @@ class Subscriber(abc.ABC):
 
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
+        self.since = time.time()  # when it connected (GET /admin/connections)
         # None: no subscribe yet, every type is delivered (the spec's default).
         self.types: set[str] | None = None
         self.state = SubscriberState.LIVE

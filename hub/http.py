@@ -21,6 +21,7 @@ from hub.events import EventTypes
 from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
+from hub.registry import ConnectionRegistry
 from hub.revocations import MAX_VALUE_LENGTH, Kind, Revocations
 
 
@@ -35,6 +36,7 @@ class HttpServices(Protocol):
     types: EventTypes
     started_at: float | None
     revocations: Revocations
+    registry: ConnectionRegistry
 
     def connection_counts(self) -> dict[str, int]: ...
 
@@ -182,6 +184,13 @@ class HttpApi:
                                   "the revocation could not be stored; retry later",
                                   headers={"Retry-After": "1"})
         return JSONResponse(revocation.as_dict(), status_code=201)
+
+    async def connections(self, request: Request) -> JSONResponse:
+        """``GET /admin/connections``: every instance's connections (hub/registry.py)."""
+        admin = self._admin(request)
+        if isinstance(admin, JSONResponse):
+            return admin
+        return JSONResponse(await self.services.registry.listing())
 
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

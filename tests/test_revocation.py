@@ -235,3 +235,52 @@ async def test_hub_revoke_cli(two_hubs: tuple[RunningHub, RunningHub]) -> None:
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
     assert "revocation refused (403)" in err.decode() and "--token" in err.decode()
+
+
+async def test_admin_connections_lists_every_instance(redis_server: RedisServer) -> None:
+
+    a_settings = make_settings(redis_url=redis_server.url, connections_registry_s=0.2)
+    b_settings = a_settings.replace(instance_id=a_settings.instance_id + "-b")
+    async with run_hub(a_settings) as a, run_hub(b_settings) as b:
+        ws = await connected(a.ws_url, make_token("olga", tenant_id="acme"))
+        await send_json(ws, {"action": "subscribe", "event_types": ["threat_detected"]})
+        await recv_type(ws, "subscription_updated")
+        sio = _Sio()
+        await sio.connect(b.url, auth={"token": make_token("pete")})
+
+        async def listing() -> dict[str, Any]:
+            async with httpx.AsyncClient(base_url=a.url) as client:
+                response = await client.get("/admin/connections",
+                                            headers={"Authorization": f"Bearer {ADMIN}"})
+            assert response.status_code == 200
+            return dict(response.json())
+
+        seen: dict[str, Any] = {}
+
+        async def both() -> bool:
+            seen.update(await listing())
+            return {c["user_id"] for c in seen["connections"]} == {"olga", "pete"}
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await both():
+            assert asyncio.get_running_loop().time() < deadline, seen
+            await asyncio.sleep(0.1)  # polling the listing until b's snapshot is in
+        by_user = {c["user_id"]: c for c in seen["connections"]}
+        assert by_user["olga"]["transport"] == "websocket"
+        assert by_user["olga"]["instance_id"] == a_settings.instance_id
+        assert by_user["olga"]["tenant_id"] == "acme"
+        assert by_user["olga"]["subscription"] == ["threat_detected"]
+        assert by_user["pete"]["transport"] == "socketio"
+        assert by_user["pete"]["instance_id"] == b_settings.instance_id
+        assert by_user["pete"]["subscription"] is None  # every type
+        assert set(seen["instances"]) == {a_settings.instance_id, b_settings.instance_id}
+        async with httpx.AsyncClient(base_url=a.url) as client:
+            viewer = make_token("quinn", "viewer")
+            response = await client.get("/admin/connections",
+                                        headers={"Authorization": f"Bearer {viewer}"})
+            assert response.status_code == 403
+        await ws.close()
+        await sio.client.disconnect()
+    # A stopped instance removes its snapshot.
+    assert not redis_server.client().hexists(a_settings.stream_key + ":connections",
+                                             b_settings.instance_id)
