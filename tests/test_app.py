@@ -120,7 +120,8 @@ async def test_openapi_documents_http_endpoints_only(memory_hub: RunningHub) -> 
     async with httpx.AsyncClient() as http:
         document = (await http.get(f"{memory_hub.url}/openapi.json")).json()
     validate(document)
-    assert set(document["paths"]) == {"/events", "/ws/health", "/metrics"}
+    assert set(document["paths"]) == {"/events", "/ws/health", "/metrics",
+                                      "/admin/revocations", "/admin/connections"}
     assert "/ws/events" not in document["paths"]
     assert "/socket.io/" not in document["paths"]
 
