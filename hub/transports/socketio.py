@@ -538,6 +538,11 @@ class SocketIOTransport:
             conn, leeway=self.hub.verifier.leeway,
             lead=self.hub.settings.token_expiring_lead_s,
             expire=lambda: self._expire(conn), notify=conn.emit_now)
+        revoked = self.hub.verifier.revoked
+        if revoked is not None and revoked(principal):
+            # Revoked between its CONNECT and now (after the check at connect).
+            self.revoke(lambda p: p is principal)
+            return
         if last_event_id is None:
             # Until its first message: it may be a subscribe that resumes.
             conn.hold_for_first_message(self.hub.settings.resume_hold_s)

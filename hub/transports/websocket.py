@@ -234,6 +234,10 @@ class PlainTransport:
             conn, leeway=hub.verifier.leeway, lead=hub.settings.token_expiring_lead_s,
             expire=lambda: conn.abort(CloseCode.UNAUTHORIZED, "token expired"),
             notify=conn.send_control)
+        revoked = hub.verifier.revoked
+        if revoked is not None and revoked(principal):
+            # Revoked while its handshake was being accepted (after the check at connect).
+            conn.abort(CloseCode.UNAUTHORIZED, "token revoked")
         try:
             last_event_id = websocket.headers.get("last-event-id")
             if last_event_id:
