@@ -225,7 +225,13 @@ class Revocations:
     async def _reload(self) -> None:
         assert self._redis is not None
         entries = await self._redis.hgetall(self._hash)
-        for raw in entries.values():
+        now = time.time()
+        gone = []
+        for field, raw in entries.items():
             revocation = Revocation.from_json(raw)
-            if revocation is not None:
-                self._learn(revocation)
+            if revocation is None or revocation.expires_at <= now:
+                gone.append(field)  # expired (or unreadable): the hash stays bounded
+                continue
+            self._learn(revocation)
+        if gone:
+            await self._redis.hdel(self._hash, *gone)

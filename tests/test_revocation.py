@@ -284,3 +284,23 @@ async def test_admin_connections_lists_every_instance(redis_server: RedisServer)
     # A stopped instance removes its snapshot.
     assert not redis_server.client().hexists(a_settings.stream_key + ":connections",
                                              b_settings.instance_id)
+
+
+async def test_expired_and_unreadable_revocations_are_dropped_at_load(
+        redis_server: RedisServer) -> None:
+    import orjson
+
+    settings = make_settings(redis_url=redis_server.url)
+    key = settings.stream_key + ":revocations"
+    now = time.time()
+    entry = {"kind": "user_id", "value": "old", "at": now - 100, "expires_at": now - 1,
+             "by": "x", "instance_id": "gone"}
+    live = {**entry, "value": "ursula", "expires_at": now + 600}
+    redis = redis_server.client()
+    ursula = make_token("ursula", iat=int(now - 200))  # issued before that revocation
+    redis.hset(key, mapping={"user_id:old": orjson.dumps(entry), "junk": b"{nope",
+                             "user_id:ursula": orjson.dumps(live)})
+    async with run_hub(settings) as hub:
+        assert await refused(hub, ursula) == (4003, "token revoked")
+        assert [r["value"] for r in await listed(hub)] == ["ursula"]
+    assert set(redis.hkeys(key)) == {b"user_id:ursula"}
