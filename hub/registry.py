@@ -79,8 +79,10 @@ class ConnectionRegistry:
             await self._task
         self._task = None
         assert self._redis is not None
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.hdel(self._key, self._settings.instance_id)
+        # Bounded: a stop while Redis is down must not wait on it (the snapshot goes stale
+        # and is left out by the others anyway).
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._redis.hdel(self._key, self._settings.instance_id), 1.0)
 
     async def _keep(self) -> None:
         assert self._redis is not None
@@ -91,8 +93,8 @@ class ConnectionRegistry:
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.hset(self._key, self._settings.instance_id, snapshot)
                     pipe.expire(self._key, int(self._interval * 3) + 1)
-                    await pipe.execute()
-            except (RedisError, OSError) as exc:
+                    await asyncio.wait_for(pipe.execute(), max(1.0, self._interval))
+            except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("could not store this instance's connections: %s", exc)
             await asyncio.sleep(self._interval)
 
@@ -105,8 +107,8 @@ class ConnectionRegistry:
         problems: list[str] = []
         if self._redis is not None:
             try:
-                snapshots = await self._redis.hgetall(self._key)
-            except (RedisError, OSError) as exc:
+                snapshots = await asyncio.wait_for(self._redis.hgetall(self._key), 2.0)
+            except (RedisError, OSError, TimeoutError) as exc:
                 snapshots = {}
                 problems.append(f"other instances unknown: Redis unavailable ({exc})")
             stale_after = time.time() - self._interval * 3

@@ -104,17 +104,17 @@ class Revocations:
         self._channel = settings.stream_key + ":revocations:notice"
         self._lifetime = settings.max_token_lifetime_s + settings.jwt_leeway_s
         self._task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
+        self._first_try = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self._redis is None:
             return
         self._task = asyncio.get_running_loop().create_task(self._listen())
-        # Not waited for longer than a moment: an instance starts while Redis is down too
-        # (the listener keeps trying, and loads the hash once it is subscribed).
+        # Only the first attempt is waited for, briefly: an instance starts while Redis is
+        # down too (the listener keeps trying, and loads the hash once it is subscribed).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 5)
+            await asyncio.wait_for(self._first_try.wait(), 2)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -166,7 +166,10 @@ class Revocations:
                 # expiry are dropped when read).
                 pipe.expire(self._hash, int(self._lifetime) + 1)
                 pipe.publish(self._channel, raw)
-                await pipe.execute()
+                try:
+                    await asyncio.wait_for(pipe.execute(), 5)
+                except TimeoutError:
+                    raise OSError("Redis did not answer within 5 s") from None
         audit.warning("revocation: %s %s revoked by %s on %s%s", kind.value, value, by,
                       self._settings.instance_id, f" ({reason})" if reason else "")
         self._learn(revocation)
@@ -196,9 +199,12 @@ class Revocations:
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._channel)
-                await self._reload()  # after subscribing: nothing falls between the two
-                self._subscribed.set()
+                try:
+                    await asyncio.wait_for(pubsub.subscribe(self._channel), 5)
+                    # After subscribing: nothing falls between the two.
+                    await asyncio.wait_for(self._reload(), 5)
+                finally:
+                    self._first_try.set()
                 backoff.reset()
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
@@ -220,7 +226,7 @@ class Revocations:
                 await asyncio.sleep(backoff.next_delay())
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), 1)  # type: ignore[no-untyped-call]
 
     async def _reload(self) -> None:
         assert self._redis is not None
