@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from typing import Any
 
@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from hub._version import __version__
 from hub.auth import OriginPolicy, TokenVerifier
 from hub.config import Settings
+from hub.connection import Subscriber
 from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
 from hub.errors import BackendUnavailable, CloseCode, ErrorCode
@@ -35,7 +36,9 @@ from hub.keys import JwksKeys
 from hub.limits import ConnectionLimits
 from hub.metrics import Metrics
 from hub.refusals import RefusalTracker
+from hub.registry import ConnectionRegistry
 from hub.reload import Reloader, ReloadResult
+from hub.revocations import Revocation, Revocations
 from hub.transports.frames import COALESCER_KEY, SEND_KEY, WriteCoalescer
 from hub.transports.sio_manager import close_manager, manager_for
 from hub.transports.socketio import SocketIOTransport
@@ -88,6 +91,14 @@ class Hub:
                                        settings.socketio_channel)
         self.socketio = SocketIOTransport(self, self.sio_manager)
         self.sse = SseTransport(self)
+        # Revocations (hub.revocations): checked by the verifier at connect, refresh and
+        # publish; each one closes the matching connections of both transports.
+        self.revocations = Revocations(settings, getattr(backend, "redis", None),
+                                       self._revoked)
+        self.verifier.revoked = self.revocations.check
+        self.registry = ConnectionRegistry(
+            settings, getattr(backend, "redis", None), self._all_connections,
+            lambda conn: sorted(conn.types) if conn.types is not None else None)
         self.http = HttpApi(self)
         self.started_at: float | None = None
         self._drained = False
@@ -115,6 +126,17 @@ class Hub:
             on_malformed=self.metrics.malformed_entries.inc,
         )
 
+    def _all_connections(self) -> Iterator[Subscriber]:
+        yield from self.websocket.connections
+        yield from self.socketio.connections.values()
+
+    def _revoked(self, revocation: Revocation) -> None:
+        closed = (self.websocket.revoke(revocation.covers)
+                  + self.socketio.revoke(revocation.covers))
+        if closed:
+            log.warning("closed %d connection(s) after the revocation of %s %s", closed,
+                        revocation.kind.value, revocation.value)
+
     def _redis_health(self, values: dict[str, float]) -> None:
         self.metrics.reader_lag.set(values["reader_lag_s"])
         self.metrics.round_trip.set(values["round_trip_s"])
@@ -132,6 +154,8 @@ class Hub:
         if self.jwks is not None:
             await self.jwks.start()  # an unreachable endpoint: start degraded (README)
         await self.dispatcher.start()
+        await self.revocations.start()
+        await self.registry.start()
         # python-socketio starts its Redis listener only at the first Socket.IO connection;
         # start it now, so external emitters reach this instance from the first client on.
         sio = self.socketio.sio
@@ -163,6 +187,8 @@ class Hub:
         if backend_drain is not None:
             await backend_drain(self.settings.shutdown_timeout_s)
         await close_manager(self.sio_manager)
+        await self.revocations.stop()
+        await self.registry.stop()
         await self.dispatcher.stop()
         if self.jwks is not None:
             await self.jwks.stop()
@@ -275,6 +301,8 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
         Route("/metrics", hub.http.metrics, methods=["GET"]),
         Route("/openapi.json", hub.http.openapi, methods=["GET"]),
         Route("/admin/reload", hub.http.admin_reload, methods=["POST"]),
+        Route("/admin/revocations", hub.http.revocations, methods=["GET", "POST"]),
+        Route("/admin/connections", hub.http.connections, methods=["GET"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),
     ]
     static = resources.files("hub") / "static" / "dashboard"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -42,6 +42,8 @@ class Principal:
     expires_at: float | None
     is_admin: bool
     can_publish: bool
+    issued_at: float | None = None  # iat: revocations of a user or tenant cover older ones
+    jti: str | None = None
 
     def may_see(self, tenant: str | None) -> bool:
         """Tenant isolation: an event with a tenant reaches only that tenant and admins."""
@@ -102,6 +104,8 @@ class TokenVerifier:
         self._publisher_roles = frozenset(settings.publisher_roles)
         self._require_exp = settings.require_exp
         self._max_lifetime = settings.max_token_lifetime_s
+        # Whether a verified token has been revoked (hub.revocations; set by the app).
+        self.revoked: Callable[[Principal], object] | None = None
 
     @property
     def leeway(self) -> float:
@@ -150,7 +154,10 @@ class TokenVerifier:
         if not isinstance(claims, dict):
             raise AuthError("malformed token", code=ErrorCode.MALFORMED_TOKEN)
         self._check_times(claims)
-        return self._principal(claims)
+        principal = self._principal(claims)
+        if self.revoked is not None and self.revoked(principal):
+            raise AuthError("token revoked", code=ErrorCode.TOKEN_REVOKED)
+        return principal
 
     def _decode(self, token: str, key: Any) -> Any:
         # PyJWT's own time checks are off: it accepts numeric strings (then never enforced
@@ -218,6 +225,8 @@ class TokenVerifier:
         roles = _roles(claims.get(self._role_claim)) | _roles(claims.get("roles"))
         tenant = claims.get(self._tenant_claim)
         exp = claims.get("exp")
+        iat = claims.get("iat")
+        jti = claims.get("jti")
         return Principal(
             user_id=str(claims["sub"]),
             roles=roles,
@@ -225,6 +234,8 @@ class TokenVerifier:
             expires_at=float(exp) if isinstance(exp, int | float) else None,
             is_admin=bool(roles & self._admin_roles),
             can_publish=bool(roles & self._publisher_roles),
+            issued_at=float(iat) if isinstance(iat, int | float) else None,
+            jti=str(jti) if isinstance(jti, str | int) and not isinstance(jti, bool) else None,
         )
 
 

@@ -1,4 +1,4 @@
-"""The ``hub`` command: ``serve``, ``token``, ``publish`` (and ``tail``).
+"""The ``hub`` command: ``serve``, ``token``, ``publish``, ``revoke`` (and ``tail``).
 
 Bad input stops with one ``hub: error: …`` line and a non-zero exit, never a traceback.
 """
@@ -265,6 +265,46 @@ def _publish_http(url: str, token: str | None, type_: str, data: Any) -> dict[st
     return dict(body)
 
 
+# -- revoke -----------------------------------------------------------------------------
+def _revoke(args: argparse.Namespace) -> None:
+    import httpx
+
+    from hub.auth import issue_token
+
+    body: dict[str, str] = {}
+    for flag, name in (("user", "user_id"), ("jti", "jti"), ("tenant", "tenant_id")):
+        if getattr(args, flag):
+            body[name] = getattr(args, flag)
+    if args.reason:
+        body["reason"] = args.reason
+    token, source = args.token, "--token"
+    if not token and os.environ.get("HUB_TOKEN"):
+        token, source = os.environ["HUB_TOKEN"], "the HUB_TOKEN environment variable"
+    if not token:
+        try:
+            settings = Settings.from_env()
+            token = issue_token(settings, sub=args.by, role=settings.admin_roles[0], ttl_s=300)
+            source = f"minted here with role {settings.admin_roles[0]!r}"
+        except HubError as exc:
+            _fail(f"no admin token: pass --token or set HUB_TOKEN ({exc.message})")
+    url = (args.url or DEFAULT_URL).rstrip("/") + "/admin/revocations"
+    try:
+        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"},
+                              timeout=10)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the hub at {args.url or DEFAULT_URL}: {exc}")
+    try:
+        reply = response.json()
+    except ValueError:
+        reply = {}
+    if response.status_code != 201:
+        error = reply.get("error", {}) if isinstance(reply, dict) else {}
+        detail = f"; the token came from {source}" if response.status_code in (401, 403) else ""
+        _fail(f"revocation refused ({response.status_code}): "
+              f"{error.get('message', response.text)}{detail}", code=1)
+    print(orjson.dumps(reply).decode())
+
+
 # -- entry point ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub", description="Real-time event hub.")
@@ -300,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--token", help="bearer token (env HUB_TOKEN; else minted from "
                                          "JWT_SECRET)")
     publish.set_defaults(func=_publish)
+
+    revoke = commands.add_parser(
+        "revoke", help="revoke a user's, a token's or a tenant's tokens on every instance")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", help="user id: tokens issued until now are refused")
+    which.add_argument("--jti", help="one token, by its jti claim")
+    which.add_argument("--tenant", help="tenant id: its tokens issued until now are refused")
+    revoke.add_argument("--reason", help="why (kept in the listing and the audit log)")
+    revoke.add_argument("--url", help=f"the hub (default {DEFAULT_URL})")
+    revoke.add_argument("--token", help="an admin bearer token (env HUB_TOKEN; else minted "
+                                        "from JWT_SECRET with the first HUB_ADMIN_ROLES role)")
+    revoke.add_argument("--by", default="hub-cli",
+                        help="who asks, when the token is minted here (default hub-cli)")
+    revoke.set_defaults(func=_revoke)
 
     from hub.tail import add_parser as add_tail
 

@@ -12,6 +12,13 @@ hub restart, a deploy (close 1001) or a slow-consumer disconnect (4008) loses no
 hub still retains and yields nothing twice. A refused token (close 4003) raises
 :class:`AuthenticationFailed` at once: retrying with the same token cannot succeed.
 
+The token may be a *source* instead of a string: a callable returning the current token
+(or an awaitable of it), e.g. :func:`token_file` that re-reads a file. With a source the
+client refreshes in-band when the hub says ``token_expiring`` and connects with a fresh
+token after a disconnect, so it outlives its tokens::
+
+    async for event in subscribe(url, token_file("/run/secrets/hub-token")): ...
+
 Exceptions (all derive from :class:`~hub.errors.HubError`)::
 
     ClientError
@@ -25,10 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,7 +59,7 @@ from hub.errors import (
 from hub.events import Event
 
 __all__ = ["AuthenticationFailed", "ClientError", "ConnectionLost", "Notice", "NoticeKind",
-           "SubscriptionRefused", "subscribe"]
+           "SubscriptionRefused", "TokenSource", "subscribe", "token_file"]
 
 log = logging.getLogger("hub.client")
 
@@ -65,6 +75,7 @@ class NoticeKind(enum.Enum):
     RESUMED = "resumed"  # data: replayed, last_event_id, truncated
     HISTORY_TRUNCATED = "history_truncated"  # data: last_event_id, first_retained_id
     ERROR = "error"  # a non-fatal error message from the hub; data: code, message
+    TOKEN_REFRESHED = "token_refreshed"  # data: user_id, exp
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +85,29 @@ class Notice:
     kind: NoticeKind
     message: str
     data: dict[str, Any] = field(default_factory=dict)
+
+
+# A token, or where to get the current one (called at each connect and each refresh).
+TokenSource = str | Callable[[], str | Awaitable[str]]
+
+
+def token_file(path: str | Path) -> Callable[[], str]:
+    """A token source that re-reads ``path`` each time (a file a sidecar keeps fresh)."""
+    file = Path(path).expanduser()
+
+    def read() -> str:
+        return file.read_text().strip()
+    return read
+
+
+async def current_token(source: TokenSource) -> str:
+    """The token ``source`` holds now."""
+    if isinstance(source, str):
+        return source
+    value = source()
+    if inspect.isawaitable(value):
+        value = await value
+    return str(value).strip()
 
 
 def events_url(url: str) -> str:
@@ -94,7 +128,7 @@ class Subscription:
     """The async iterator :func:`subscribe` returns. ``last_event_id`` is the id of the
     last event yielded (the resume point), ``instance_id`` the instance serving it now."""
 
-    def __init__(self, url: str, token: str, *, types: Iterable[str] | None = None,
+    def __init__(self, url: str, token: TokenSource, *, types: Iterable[str] | None = None,
                  last_event_id: str | None = None, retry_for: float | None = None,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  on_notice: Callable[[Notice], None] | None = None,
@@ -113,6 +147,10 @@ class Subscription:
         self._ws: ClientConnection | None = None
         self._gen: AsyncGenerator[Event, None] | None = None
         self._closed = False
+        # The token_expiring notice being answered, and a refresh retried after one that
+        # did not extend the token.
+        self._expiring: dict[str, Any] | None = None
+        self._retry: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> AsyncIterator[Event]:
         if self._gen is None:
@@ -147,8 +185,9 @@ class Subscription:
             code: int | None = None
             reason = ""
             try:
+                token = await current_token(self._token)
                 async with websockets.connect(
-                    self.url, additional_headers={"Authorization": f"Bearer {self._token}"},
+                    self.url, additional_headers={"Authorization": f"Bearer {token}"},
                     open_timeout=self._open_timeout, max_size=2**22,
                 ) as ws:
                     self._ws = ws
@@ -168,12 +207,20 @@ class Subscription:
                     raise AuthenticationFailed(f"HTTP {status}") from None
                 reason = f"HTTP {status} from {self.url}"
             except (OSError, InvalidHandshake, TimeoutError) as exc:
+                # (OSError includes a token file that cannot be read now: retried.)
                 reason = str(exc) or type(exc).__name__
             finally:
                 self._ws = None
+                self._expiring = None
+                if self._retry is not None:
+                    self._retry.cancel()
+                    self._retry = None
             if self._closed:
                 return
-            if code == CloseCode.UNAUTHORIZED:
+            if code == CloseCode.UNAUTHORIZED and not (
+                    reason == "token expired" and not isinstance(self._token, str)):
+                # (An expiry with a token source: the source may hold a newer token now, so
+                # reconnect and resume; a source whose token is refused raises then.)
                 raise AuthenticationFailed(reason)
             if code == CloseCode.GOING_AWAY:
                 # A deploy or a restart: another instance (or this one, back) will serve us.
@@ -229,12 +276,55 @@ class Subscription:
                              "some events were missed: the hub no longer retains events after "
                              f"{data.get('last_event_id')} (replay starts at "
                              f"{data.get('first_retained_id')})", **data)
+            elif kind == "token_expiring":
+                self._expiring = data
+                await self._refresh(ws, data)
+            elif kind == "token_refreshed":
+                expiring, self._expiring = self._expiring, None
+                old, new = (expiring or {}).get("exp"), data.get("exp")
+                if (isinstance(old, int | float) and isinstance(new, int | float)
+                        and new <= old):
+                    # The source holds no newer token yet (a file not renewed): ask it
+                    # again shortly, until the old one expires.
+                    self._retry_refresh(ws, expiring or {})
+                    continue
+                self._notice(NoticeKind.TOKEN_REFRESHED,
+                             f"token refreshed (expires at {data.get('exp')})", **data)
             elif kind == "error":
                 code = str(data.get("code", ""))
                 text = str(data.get("message", ""))
                 if code in _FATAL_ERRORS:
                     raise SubscriptionRefused(text, code=code)
                 self._notice(NoticeKind.ERROR, f"hub error {code}: {text}", **data)
+
+    def _retry_refresh(self, ws: ClientConnection, notice: dict[str, Any]) -> None:
+        exp = notice.get("exp")
+        left = (exp - time.time()) if isinstance(exp, int | float) else 0.0
+        if left <= 0:
+            return
+
+        async def again() -> None:
+            await asyncio.sleep(min(0.5, left / 2))
+            self._expiring = notice
+            with contextlib.suppress(ConnectionClosed):
+                await self._refresh(ws, notice)
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = asyncio.get_running_loop().create_task(again())
+
+    async def _refresh(self, ws: ClientConnection, data: dict[str, Any]) -> None:
+        """The hub says the token expires soon: send the source's current token."""
+        if isinstance(self._token, str):
+            self._notice(NoticeKind.ERROR, "the token expires soon and this client has no "
+                         "token source to refresh from", code=ErrorCode.TOKEN_EXPIRED, **data)
+            return
+        try:
+            token = await current_token(self._token)
+        except Exception as exc:  # a source that fails now may work at the next notice
+            self._notice(NoticeKind.ERROR, f"could not get a new token: {exc}",
+                         code=ErrorCode.MISSING_TOKEN)
+            return
+        await ws.send(orjson.dumps({"action": "refresh", "token": token}).decode())
 
     async def _subscribe(self, ws: ClientConnection, all_types: list[str]) -> None:
         if self.types is None and self.last_event_id is None:
@@ -248,7 +338,7 @@ class Subscription:
         await ws.send(orjson.dumps(message).decode())
 
 
-def subscribe(url: str, token: str, *, types: Iterable[str] | None = None,
+def subscribe(url: str, token: TokenSource, *, types: Iterable[str] | None = None,
               last_event_id: str | None = None, retry_for: float | None = None,
               on_notice: Callable[[Notice], None] | None = None,
               backoff_base: float = 0.5, backoff_cap: float = 30.0) -> Subscription:
@@ -258,7 +348,9 @@ def subscribe(url: str, token: str, *, types: Iterable[str] | None = None,
     the retained events after this id. ``retry_for``: give up with
     :class:`ConnectionLost` after this many seconds without a connection (default: never).
     ``on_notice`` is called with a :class:`Notice` on connect, disconnect, resume and
-    truncated history. Raises :class:`AuthenticationFailed` when the token is refused.
+    truncated history and refresh. Raises :class:`AuthenticationFailed` when the token is
+    refused. ``token`` may be a source (a callable, e.g. :func:`token_file`): then the
+    client refreshes in-band when told ``token_expiring``.
     """
     return Subscription(url, token, types=types, last_event_id=last_event_id,
                         retry_for=retry_for, on_notice=on_notice,

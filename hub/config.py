@@ -128,6 +128,12 @@ class Settings:
     jwks_min_refetch_s: float = 30.0
     jwks_refresh_s: float = 300.0
     jwks_timeout_s: float = 5.0
+    # A token_expiring notice goes out this long before a connection's token expires, so
+    # the client can refresh in-band ({"action": "refresh"}, README "Token refresh").
+    token_expiring_lead_s: float = 30.0
+    # How often each instance stores a snapshot of its connections in Redis for
+    # GET /admin/connections (hub/registry.py).
+    connections_registry_s: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -308,6 +314,10 @@ class Settings:
                      "ping_timeout_s", "max_token_lifetime_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number of seconds")
+        if self.connections_registry_s <= 0:
+            raise ConfigError("HUB_CONNECTIONS_REGISTRY_S must be a positive number of seconds")
+        if self.token_expiring_lead_s < 0:
+            raise ConfigError("HUB_TOKEN_EXPIRING_LEAD_S must not be negative")
         if self.max_body_bytes < 0:
             raise ConfigError("HUB_MAX_BODY_BYTES must not be negative (0: automatic)")
         for proxy in self.trusted_proxies:

@@ -12,8 +12,9 @@ its wire format to them:
   frames go is :class:`Path` (Socket.IO starts on QUEUED, engine.io's own queue, and moves
   QUEUED -> SWITCHING -> DIRECT once it is on a WebSocket and engine.io's queue is sent).
 
-Expiry (:func:`schedule_expiry`) and slow-consumer accounting (:func:`count_slow`) are
-written here once. Nothing here imports a transport's library.
+Expiry (:func:`schedule_expiry`, and :class:`TokenLifetime`: the ``token_expiring``
+notice before it and the in-band refresh that moves both) and slow-consumer accounting
+(:func:`count_slow`) are written here once. Nothing here imports a transport's library.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hub.auth import Principal
-from hub.errors import ProtocolError
+from hub.errors import AuthError, ErrorCode, ProtocolError
 from hub.events import Event
 from hub.transports.frames import Sink, write_queued
 
@@ -246,6 +247,86 @@ def schedule_expiry(principal: Principal, leeway: float,
     return asyncio.get_running_loop().call_later(delay, expire)
 
 
+class TokenLifetime:
+    """A connection's token over time: ``token_expiring`` is sent ``lead`` seconds before
+    it expires, the connection is closed when it does (plus the verifier's leeway), and
+    :meth:`refresh` replaces it in-band (same user and tenant) and moves both timers.
+
+    Every transport uses this one: it calls ``notify(name, data)`` for the notice (the
+    transport sends it in order with its events) and ``expire()`` at expiry."""
+
+    __slots__ = ("_expire", "_notice", "_noticed", "_notify", "_owner", "_timer", "lead",
+                 "leeway")
+
+    def __init__(self, owner: Subscriber, *, leeway: float, lead: float,
+                 expire: Callable[[], None],
+                 notify: Callable[[str, dict[str, Any]], None]) -> None:
+        self._owner = owner
+        self.leeway = leeway
+        self.lead = lead
+        self._expire = expire
+        self._notify = notify
+        self._timer: asyncio.TimerHandle | None = None
+        self._notice: asyncio.TimerHandle | None = None
+        # The exp the notice was sent for: once per exp, so a refresh that does not move it
+        # (the same token again) gets no second notice at once, and no refresh loop.
+        self._noticed: float | None = None
+        self._schedule()
+
+    @property
+    def expires_at(self) -> float | None:
+        return self._owner.principal.expires_at
+
+    def _schedule(self) -> None:
+        self.cancel()
+        expires_at = self.expires_at
+        if expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        self._timer = loop.call_later(max(0.0, expires_at + self.leeway - now), self._expire)
+        if self.lead > 0 and self._noticed != expires_at:
+            # A token that lives less than the lead is told at once: refresh now.
+            self._notice = loop.call_later(max(0.0, expires_at - self.lead - now),
+                                           self._expiring)
+
+    def _expiring(self) -> None:
+        self._notice = None
+        expires_at = self.expires_at
+        if expires_at is None:
+            return
+        self._noticed = expires_at
+        self._notify("token_expiring", {
+            "exp": expires_at, "expires_in_s": round(max(0.0, expires_at - time.time()), 3),
+            "message": "the token expires soon; send a refresh with a new token",
+        })
+
+    def refresh(self, verifier: TokenVerifier, token: object) -> Principal:
+        """Verify ``token`` and make it the connection's (raises AuthError, and the old
+        token and its expiry stand): it must name the same user and tenant."""
+        if not isinstance(token, str) or not token:
+            raise AuthError("refresh needs a token", code=ErrorCode.MISSING_TOKEN)
+        principal = verifier.verify(token)
+        current = self._owner.principal
+        if principal.user_id != current.user_id or principal.tenant != current.tenant:
+            raise AuthError("the refresh token is for another user or tenant",
+                            code=ErrorCode.SUBJECT_MISMATCH)
+        self._owner.principal = principal
+        self._schedule()
+        return principal
+
+    def refreshed_message(self) -> dict[str, Any]:
+        """What ``token_refreshed`` (or the Socket.IO ack) says."""
+        principal = self._owner.principal
+        return {"user_id": principal.user_id, "exp": principal.expires_at}
+
+    def cancel(self) -> None:
+        for timer in (self._timer, self._notice):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._notice = None
+
+
 def count_slow(metrics: Metrics, log: logging.Logger, transport: str, connection_id: str,
                user_id: str, dropped: int) -> None:
     """A slow consumer is cut off: count it and what it loses (its queued frames and the
@@ -280,6 +361,7 @@ class Subscriber(abc.ABC):
 
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
+        self.since = time.time()  # when it connected (GET /admin/connections)
         # None: no subscribe yet, every type is delivered (the spec's default).
         self.types: set[str] | None = None
         # A server-side filter (hub.dispatch.filters): narrows what the types and the

@@ -47,6 +47,9 @@ class ErrorCode(enum.StrEnum):
     NO_SIGNING_KEY = "no_signing_key"
     UNKNOWN_KEY = "unknown_key"  # JWT_JWKS_URL: the token's kid is not in the key set
     FORBIDDEN = "forbidden"
+    SUBJECT_MISMATCH = "subject_mismatch"  # a refresh token for another user or tenant
+    TOKEN_REVOKED = "token_revoked"
+    INVALID_REVOCATION = "invalid_revocation"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     # client messages and subscriptions
     INVALID_JSON = "invalid_json"

@@ -7,6 +7,7 @@ import time
 from typing import Any, Protocol
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -30,7 +31,9 @@ from hub.idempotency import MAX_KEY_LENGTH, IdempotencyKeys
 from hub.keys import JwksKeys
 from hub.metrics import Metrics
 from hub.openapi import openapi_document
+from hub.registry import ConnectionRegistry
 from hub.reload import Reloader, ReloadResult
+from hub.revocations import MAX_VALUE_LENGTH, Kind, Revocations
 
 
 class HttpServices(Protocol):
@@ -44,6 +47,8 @@ class HttpServices(Protocol):
     idempotency: IdempotencyKeys
     types: EventTypes
     started_at: float | None
+    revocations: Revocations
+    registry: ConnectionRegistry
 
     def connection_counts(self) -> dict[str, int]: ...
 
@@ -200,6 +205,74 @@ class HttpApi:
                                   "history is unavailable right now; retry later",
                                   headers={"Retry-After": "1"})
         return JSONResponse(page.body(), headers={"cache-control": "no-store"})
+
+    def _admin(self, request: Request) -> Any:
+        """The admin principal of a request (bearer token with a role in HUB_ADMIN_ROLES),
+        or the error response."""
+        hub = self.services
+        authorization = request.headers.get("authorization", "")
+        try:
+            if authorization[:7].lower() != "bearer ":
+                # No cookies: a cookie-authenticated admin POST is open to CSRF.
+                raise AuthError("a bearer token is required", code=ErrorCode.MISSING_TOKEN)
+            principal = hub.verifier.verify(strip_bearer(authorization))
+        except AuthError as exc:
+            hub.metrics.auth_failures.labels(exc.code).inc()
+            return error_response(401, exc.code, exc.message,
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if not principal.is_admin:
+            hub.metrics.auth_failures.labels(ErrorCode.FORBIDDEN).inc()
+            return error_response(403, ErrorCode.FORBIDDEN,
+                                  "this token's role is not in HUB_ADMIN_ROLES")
+        return principal
+
+    async def revocations(self, request: Request) -> JSONResponse:
+        """``GET /admin/revocations`` lists them; ``POST`` with one of ``user_id``, ``jti``,
+        ``tenant_id`` (and an optional ``reason``) revokes on every instance."""
+        hub = self.services
+        admin = self._admin(request)
+        if isinstance(admin, JSONResponse):
+            return admin
+        if request.method == "GET":
+            return JSONResponse({"revocations": hub.revocations.listing()})
+        body = await request.body()
+        if len(body) > 4096:
+            return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return error_response(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
+        if not isinstance(payload, dict):
+            return error_response(422, ErrorCode.NOT_AN_OBJECT, "body must be a JSON object")
+        named = [kind for kind in Kind if kind.value in payload]
+        if len(named) != 1:
+            return error_response(422, ErrorCode.INVALID_REVOCATION,
+                                  "give exactly one of user_id, jti, tenant_id")
+        kind = named[0]
+        value = payload[kind.value]
+        reason = payload.get("reason", "")
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_VALUE_LENGTH:
+            return error_response(422, ErrorCode.INVALID_REVOCATION,
+                                  f"{kind.value} must be a string of 1 to {MAX_VALUE_LENGTH} "
+                                  "characters", field=kind.value)
+        if not isinstance(reason, str) or len(reason) > MAX_VALUE_LENGTH:
+            return error_response(422, ErrorCode.INVALID_REVOCATION,
+                                  f"reason must be a string of at most {MAX_VALUE_LENGTH} "
+                                  "characters", field="reason")
+        try:
+            revocation = await hub.revocations.revoke(kind, value, admin.user_id, reason)
+        except (RedisError, OSError):  # Redis could not store it: nothing was revoked
+            return error_response(503, ErrorCode.BACKEND_UNAVAILABLE,
+                                  "the revocation could not be stored; retry later",
+                                  headers={"Retry-After": "1"})
+        return JSONResponse(revocation.as_dict(), status_code=201)
+
+    async def connections(self, request: Request) -> JSONResponse:
+        """``GET /admin/connections``: every instance's connections (hub/registry.py)."""
+        admin = self._admin(request)
+        if isinstance(admin, JSONResponse):
+            return admin
+        return JSONResponse(await self.services.registry.listing())
 
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

@@ -147,6 +147,73 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                     },
                 }
             },
+            "/admin/revocations": {
+                "get": {
+                    "summary": "Revocations in force (on every instance)",
+                    "operationId": "listRevocations",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {"description": "Revocations, oldest first",
+                                "content": {"application/json": {"schema": {
+                                    "type": "object", "required": ["revocations"],
+                                    "properties": {"revocations": {
+                                        "type": "array", "items": {
+                                            "$ref": "#/components/schemas/Revocation"}}}}}}},
+                        "401": {"description": "Missing, invalid or revoked bearer token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token's role is not in HUB_ADMIN_ROLES",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                },
+                "post": {
+                    "summary": "Revoke a user's, a token's (jti) or a tenant's tokens: every "
+                               "instance closes the matching connections and refuses the "
+                               "tokens until they expire",
+                    "operationId": "revoke",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {
+                            "$ref": "#/components/schemas/RevocationRequest"}}},
+                    },
+                    "responses": {
+                        "201": {"description": "Revoked",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/Revocation"}}}},
+                        "400": {"description": "Body is not JSON",
+                                "content": {"application/json": {"schema": error}}},
+                        "401": {"description": "Missing, invalid or revoked bearer token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token's role is not in HUB_ADMIN_ROLES",
+                                "content": {"application/json": {"schema": error}}},
+                        "413": {"description": "Body too large",
+                                "content": {"application/json": {"schema": error}}},
+                        "422": {"description": "Not exactly one of user_id, jti, tenant_id, "
+                                               "or a value that is not a 1-256 character "
+                                               "string (`invalid_revocation`)",
+                                "content": {"application/json": {"schema": error}}},
+                        "503": {"description": "Redis could not store it; nothing was revoked",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                },
+            },
+            "/admin/connections": {
+                "get": {
+                    "summary": "Connections on every instance (this one live, the others "
+                               "as of their last snapshot)",
+                    "operationId": "listConnections",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {"description": "Connections and the instances they are on",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/Connections"}}}},
+                        "401": {"description": "Missing, invalid or revoked bearer token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token's role is not in HUB_ADMIN_ROLES",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
@@ -212,6 +279,58 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                                        "fields": {"type": "array",
                                                   "items": {"type": "string"}}},
                     }},
+                },
+                "RevocationRequest": {
+                    "type": "object",
+                    "description": "Exactly one of user_id, jti, tenant_id",
+                    "properties": {
+                        "user_id": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "jti": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "tenant_id": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "reason": {"type": "string", "maxLength": 256},
+                    },
+                    "oneOf": [{"required": ["user_id"]}, {"required": ["jti"]},
+                              {"required": ["tenant_id"]}],
+                },
+                "Revocation": {
+                    "type": "object",
+                    "required": ["kind", "value", "at", "expires_at", "by", "instance_id"],
+                    "properties": {
+                        "kind": {"type": "string", "enum": ["user_id", "jti", "tenant_id"]},
+                        "value": {"type": "string"},
+                        "at": {"type": "number", "description": "when it was made (epoch "
+                               "seconds): user and tenant tokens with a later iat pass"},
+                        "expires_at": {"type": "number", "description": "when every token "
+                                       "it covers has expired; it is forgotten then"},
+                        "by": {"type": "string", "description": "the admin who asked"},
+                        "instance_id": {"type": "string"},
+                        "reason": {"type": "string"},
+                    },
+                },
+                "Connections": {
+                    "type": "object",
+                    "required": ["connections", "instances", "problems"],
+                    "properties": {
+                        "connections": {"type": "array", "items": {
+                            "type": "object",
+                            "properties": {
+                                "connection_id": {"type": "string"},
+                                "user_id": {"type": "string"},
+                                "tenant_id": {"type": ["string", "null"]},
+                                "transport": {"type": "string"},
+                                "instance_id": {"type": "string"},
+                                "since": {"type": "number"},
+                                "expires_at": {"type": ["number", "null"]},
+                                "subscription": {"type": ["array", "null"],
+                                                 "items": {"type": "string"},
+                                                 "description": "null: every type"},
+                            }}},
+                        "instances": {"type": "object", "additionalProperties": {
+                            "type": "object", "properties": {
+                                "total": {"type": "integer"}, "listed": {"type": "integer"},
+                                "as_of": {"type": "number"}}}},
+                        "problems": {"type": "array", "items": {"type": "string"}},
+                    },
                 },
                 "Health": {
                     "type": "object",

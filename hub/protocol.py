@@ -21,6 +21,7 @@ class Action(enum.Enum):
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
     PING = "ping"
+    REFRESH = "refresh"  # {"action": "refresh", "token": "<jwt>"} -> token_refreshed
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class ClientMessage:
     # A subscribe's "filter" (parsed by hub.dispatch.filters): whether it had the key.
     has_filter: bool = False
     filter: Any = None
+    token: str | None = None  # for REFRESH
 
 
 def parse_client_message(text: str) -> ClientMessage:
@@ -50,6 +52,12 @@ def parse_client_message(text: str) -> ClientMessage:
                             code=ErrorCode.UNKNOWN_ACTION) from None
     if action is Action.PING:
         return ClientMessage(action)
+    if action is Action.REFRESH:
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("refresh needs a token (a non-empty string)",
+                                code=ErrorCode.MISSING_TOKEN)
+        return ClientMessage(action, token=token)
     if "event_types" not in message:
         raise ProtocolError(f"{action.value} needs an event_types list",
                             code=ErrorCode.INVALID_EVENT_TYPES)

@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TextIO
 
 import orjson
 
-from hub.client import Notice, NoticeKind, subscribe
+from hub.client import Notice, NoticeKind, TokenSource, subscribe, token_file
 from hub.errors import AuthenticationFailed, ConnectionLost, SubscriptionRefused
 from hub.events import Event, is_event_id
 
@@ -151,6 +151,9 @@ def add_parser(subparsers: Any) -> None:
         description="Show a hub's events live; reconnects and resumes by itself.")
     tail.add_argument("--url", default=DEFAULT_URL, help=f"the hub (default {DEFAULT_URL})")
     tail.add_argument("--token", help="bearer token (default: env HUB_TOKEN)")
+    tail.add_argument("--token-file", metavar="PATH",
+                      help="read the token from this file, re-read to refresh in-band when "
+                           "the hub says token_expiring and at each reconnect")
     tail.add_argument("--types", type=_parse_types, action="extend",
                       help="comma-separated event types (default: all)")
     tail.add_argument("--since", type=_parse_since, metavar="ID",
@@ -170,9 +173,20 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def run(args: argparse.Namespace) -> None:
-    token = args.token or os.environ.get("HUB_TOKEN")
+    token: TokenSource | None = args.token or os.environ.get("HUB_TOKEN")
+    if args.token_file:
+        if args.token:
+            _fail("--token and --token-file exclude each other", 2)
+        source = token_file(args.token_file)
+        try:
+            if not source():
+                _fail(f"--token-file {args.token_file}: the file is empty", 2)
+        except OSError as exc:
+            _fail(f"--token-file {args.token_file}: {exc.strerror}", 2)
+        token = source
     if not token:
-        _fail("no token: pass --token or set HUB_TOKEN (e.g. from `hub token --sub me`)", 2)
+        _fail("no token: pass --token or set HUB_TOKEN (e.g. from `hub token --sub me`), "
+              "or --token-file", 2)
     try:
         asyncio.run(_tail(args, token))
     except AuthenticationFailed as exc:
@@ -190,7 +204,7 @@ def run(args: argparse.Namespace) -> None:
         os._exit(0)
 
 
-async def _tail(args: argparse.Namespace, token: str) -> None:
+async def _tail(args: argparse.Namespace, token: TokenSource) -> None:
     out = sys.stdout
     colour = not args.json and use_colour(out, args.color)
     err_colour = use_colour(sys.stderr, args.color)

@@ -228,6 +228,45 @@ async def test_cookie_sign_in(page: Page) -> None:
 
 
 @in_browser
+async def test_dashboard_stays_connected_across_three_token_lifetimes(page: Page) -> None:
+    """Short-lived tokens in a cookie that something keeps renewing: the page refreshes
+    in-band on each token_expiring and keeps its one connection (issue 15)."""
+    import asyncio
+    import time
+
+    ttl = 2
+    async with run_hub(make_settings(token_expiring_lead_s=1.0)) as hub:
+        async def renew() -> None:
+            await page.context.add_cookies([{
+                "name": "ks_access_token", "value": make_token("carol", ttl=ttl),
+                "url": hub.url}])
+
+        async def sidecar() -> None:  # the sign-in service renewing the cookie
+            while True:
+                await asyncio.sleep(0.2)
+                await renew()
+
+        await renew()
+        keeper = asyncio.create_task(sidecar())
+        try:
+            await page.goto(hub.url + "/dashboard/")
+            conn = page.locator("#conn")
+            await expect(conn).to_have_attribute("data-state", "connected")
+            sids = set(hub.hub.socketio.connections)
+            started = time.time()
+            await expect(conn).to_have_attribute("data-refreshes", "4",
+                                                 timeout=(4 + 2) * ttl * 1000)
+            # Past three lifetimes of the first token (the clock: nothing to await).
+            await asyncio.sleep(max(0.0, started + 3 * ttl - time.time()))
+            await expect(conn).to_have_attribute("data-state", "connected")
+            assert set(hub.hub.socketio.connections) == sids  # the same connection
+            event_id = await post_event(hub, "cost_threshold_alert", COST)
+            await expect(row(page, event_id)).to_be_visible()
+        finally:
+            keeper.cancel()
+
+
+@in_browser
 async def test_pause_holds_rows_until_resumed(page: Page) -> None:
     async with run_hub(make_settings()) as hub:
         await sign_in(page, hub, make_token())

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -26,8 +27,8 @@ from hub.connection import (
     Path,
     Services,
     Subscriber,
+    TokenLifetime,
     count_slow,
-    schedule_expiry,
 )
 from hub.dispatch.filters import EventFilter, parse_filter
 from hub.errors import CloseCode, ErrorCode, ProtocolError
@@ -99,7 +100,7 @@ class SocketIOConnection(Subscriber):
         self._transport = transport
         self._server = transport.sio
         self._limit = transport.hub.settings.outbox_limit
-        self.expiry: asyncio.TimerHandle | None = None
+        self.lifetime: TokenLifetime | None = None
         self.outbox = Outbox(self._limit, path=Path.QUEUED)
         self.hold_limit = self._limit
 
@@ -286,6 +287,7 @@ class SocketIOTransport:
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("subscribe", self._subscribe)
         self.sio.on("unsubscribe", self._unsubscribe)
+        self.sio.on("refresh", self._refresh)
         self._engineio_app = socketio.ASGIApp(self.sio, socketio_path=None)
         # The WebSocket carrying each Engine.IO session that engine.io accepted on one
         # (from the start, or once an upgrade's UPGRADE packet arrived), for direct frame
@@ -543,8 +545,15 @@ class SocketIOTransport:
             "instance_id": self.hub.settings.instance_id,
             "event_types": self.hub.dispatcher.subscribed_to(conn),
         })
-        conn.expiry = schedule_expiry(principal, self.hub.verifier.leeway,
-                                      lambda: self._expire(conn))
+        conn.lifetime = TokenLifetime(
+            conn, leeway=self.hub.verifier.leeway,
+            lead=self.hub.settings.token_expiring_lead_s,
+            expire=lambda: self._expire(conn), notify=conn.send_control)
+        revoked = self.hub.verifier.revoked
+        if revoked is not None and revoked(principal):
+            # Revoked between its CONNECT and now (after the check at connect).
+            self.revoke(lambda p: p is principal)
+            return
         if last_event_id is None:
             # Until its first message: it may be a subscribe that resumes.
             conn.hold_for_first_message(self.hub.settings.resume_hold_s)
@@ -565,8 +574,8 @@ class SocketIOTransport:
         if self._by_eio.get(conn.eio_sid) is conn:
             del self._by_eio[conn.eio_sid]
         conn.outbox.abort()
-        if conn.expiry is not None:
-            conn.expiry.cancel()
+        if conn.lifetime is not None:
+            conn.lifetime.cancel()
         self.hub.dispatcher.remove(conn)
         self.hub.limits.release(conn.principal.user_id)
         self.hub.metrics.connections.labels(conn.transport).dec()
@@ -575,6 +584,16 @@ class SocketIOTransport:
         conn.send_control("token_expired", {"code": CloseCode.UNAUTHORIZED,
                                             "message": "token expired"})
         self._kick(conn)
+
+    def revoke(self, covers: Callable[[Principal], bool]) -> int:
+        """Disconnect the connections whose token is revoked, after a ``token_revoked``
+        event."""
+        closing = [c for c in self.connections.values() if covers(c.principal) and not c.kicked]
+        for conn in closing:
+            conn.send_control("token_revoked", {"code": CloseCode.UNAUTHORIZED,
+                                                "message": "token revoked"})
+            self._kick(conn)
+        return len(closing)
 
     def kick_failed(self, conn: SocketIOConnection) -> None:
         self._kick(conn, drop_queue=True)
@@ -657,6 +676,22 @@ class SocketIOTransport:
         finally:
             conn.first_message_seen()
         return dispatcher.subscription_reply(conn, types)
+
+    async def _refresh(self, sid: str, data: Any = None) -> dict[str, Any]:
+        """``refresh`` with ``{token}`` (or the token as a string): the ack carries the new
+        ``exp``, or an ``error`` and the old token (and its expiry) stands."""
+        conn = self.connections.get(sid)
+        if conn is None or conn.lifetime is None:
+            return _error(ProtocolError("not connected", code=ErrorCode.NOT_CONNECTED))
+        token = data.get("token") if isinstance(data, dict) else data
+        try:
+            conn.lifetime.refresh(self.hub.verifier, token)
+        except AuthError as exc:
+            self.hub.metrics.auth_failures.labels(exc.code).inc()
+            return {"error": {"code": exc.code, "message": exc.message}}
+        finally:
+            conn.first_message_seen()
+        return conn.lifetime.refreshed_message()
 
     async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:
         return (await self.hub.dispatcher.resume(conn, last_event_id)).message()

@@ -26,8 +26,8 @@ from hub.connection import (
     Path,
     Services,
     Subscriber,
+    TokenLifetime,
     count_slow,
-    schedule_expiry,
 )
 from hub.dispatch.filters import parse_filter
 from hub.errors import ErrorCode, ProtocolError
@@ -78,6 +78,7 @@ class PlainConnection(Subscriber):
         self._on_abort = on_abort
         self.resume_task: asyncio.Task[Any] | None = None
         self.hold_limit = outbox_limit
+        self.lifetime: TokenLifetime | None = None
 
     @property
     def frame_path(self) -> str:
@@ -234,8 +235,14 @@ class PlainTransport:
             "instance_id": hub.settings.instance_id,
             "event_types": hub.dispatcher.subscribed_to(conn),
         })
-        expiry = schedule_expiry(principal, hub.verifier.leeway, lambda: conn.abort(
-            CloseCode.UNAUTHORIZED, "token expired"))
+        conn.lifetime = TokenLifetime(
+            conn, leeway=hub.verifier.leeway, lead=hub.settings.token_expiring_lead_s,
+            expire=lambda: conn.abort(CloseCode.UNAUTHORIZED, "token expired"),
+            notify=conn.send_control)
+        revoked = hub.verifier.revoked
+        if revoked is not None and revoked(principal):
+            # Revoked while its handshake was being accepted (after the check at connect).
+            conn.abort(CloseCode.UNAUTHORIZED, "token revoked")
         try:
             last_event_id = websocket.headers.get("last-event-id")
             if last_event_id:
@@ -248,8 +255,7 @@ class PlainTransport:
                 conn.hold_for_first_message(hub.settings.resume_hold_s)
             await self._read(websocket, conn)
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            conn.lifetime.cancel()
             if conn.resume_task is not None:
                 conn.resume_task.cancel()
             hub.dispatcher.remove(conn)
@@ -304,6 +310,9 @@ class PlainTransport:
         if message.action is Action.PING:
             conn.send_control("pong", {})
             return
+        if message.action is Action.REFRESH:
+            self._refresh(conn, message.token)
+            return
         types = dispatcher.check_types(message.event_types)
         if message.action is Action.SUBSCRIBE:
             # Checked before anything changes: a malformed filter changes nothing.
@@ -316,12 +325,32 @@ class PlainTransport:
         if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
             self._resume(conn, message.last_event_id)
 
+    def _refresh(self, conn: PlainConnection, token: str | None) -> None:
+        """In-band refresh: ``token_refreshed`` with the new ``exp``, or an ``error`` and
+        the old token (and its expiry) stands."""
+        lifetime = conn.lifetime
+        assert lifetime is not None
+        try:
+            lifetime.refresh(self.hub.verifier, token)
+        except AuthError as exc:
+            self.hub.metrics.auth_failures.labels(exc.code).inc()
+            conn.send_control("error", {"code": exc.code, "message": exc.message})
+            return
+        conn.send_control("token_refreshed", lifetime.refreshed_message())
+
     def _resume(self, conn: PlainConnection, last_event_id: object) -> None:
         """Start a replay (raises ProtocolError at once for a bad id or while one runs);
         ``resumed`` follows it. Client messages keep being read meanwhile."""
         task = self.hub.dispatcher.start_resume(conn, last_event_id)
         conn.resume_task = task
         task.add_done_callback(lambda done: _resumed(conn, done))
+
+    def revoke(self, covers: Callable[[Principal], bool]) -> int:
+        """Close the connections whose token is revoked (4003 ``token revoked``)."""
+        closing = [c for c in self.connections if covers(c.principal)]
+        for conn in closing:
+            conn.abort(CloseCode.UNAUTHORIZED, "token revoked")
+        return len(closing)
 
     async def shutdown(self) -> None:
         """Flush every outbox, then close each connection with 1001."""

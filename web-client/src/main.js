@@ -190,6 +190,8 @@ function connect() {
 
   socket.on("token_expired", () => refuse("Your token expired. Sign in again."));
 
+  socket.on("token_expiring", (info) => refreshToken(socket, info));
+
   socket.on("error", (err) => banner("server-error", "bad", `Hub error: ${err?.message ?? err}`));
 
   socket.on("connection_established", (info) => showInstance(info?.instance_id));
@@ -380,6 +382,47 @@ function renderCosts() {
 }
 
 // -- banners ---------------------------------------------------------------------------
+// The hub says the token expires soon (token_expiring): hand it a newer one in-band so the
+// page stays connected. With the cookie, re-read it (whatever signed us in renews it); an
+// HttpOnly cookie the page cannot read reaches the hub only in a handshake, so reconnect
+// (resuming after the last event seen, nothing lost), once per expiry. A pasted token
+// cannot be renewed by the page: say so, with time to sign in again.
+function refreshToken(socket, info) {
+  const cookie = state.auth?.mode === "cookie";
+  const fresh = cookie ? cookieToken() : null;
+  const when = info?.exp ? ` at ${new Date(info.exp * 1000).toLocaleTimeString()}` : " soon";
+  if (fresh) {
+    socket.emit("refresh", { token: fresh }, (ack) => {
+      if (ack?.error) {
+        banner("expiring", "warn", `Your token expires${when} and could not be refreshed `
+          + `(${ack.error.message}).`);
+        return;
+      }
+      if (info?.exp && !(ack?.exp > info.exp)) {
+        // The cookie has not been renewed yet (same expiry): try again shortly, until then.
+        const left = info.exp * 1000 - Date.now();
+        if (left > 0 && state.socket === socket) {
+          setTimeout(() => refreshToken(socket, info), Math.min(500, left / 2));
+        }
+        return;
+      }
+      document.querySelector('.banner[data-key="expiring"]')?.remove();
+      const conn = $("conn");
+      conn.dataset.refreshes = String(Number(conn.dataset.refreshes || 0) + 1);
+      conn.dataset.exp = String(ack?.exp ?? "");
+    });
+    return;
+  }
+  if (cookie && state.reconnectedFor !== info?.exp) {
+    state.reconnectedFor = info?.exp;
+    socket.disconnect();
+    socket.connect();
+    return;
+  }
+  banner("expiring", "warn", `Your token expires${when}. Sign in again with a new one to stay `
+    + "connected.");
+}
+
 function banner(key, kind, text) {
   let el = document.querySelector(`.banner[data-key="${key}"]`);
   if (!el) {
