@@ -36,7 +36,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,10 +173,13 @@ class Subscription:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def _notice(self, kind: NoticeKind, message: str, **data: Any) -> None:
+    def _notice(self, kind: NoticeKind, message: str, data: Mapping[str, Any] | None = None,
+                **extra: Any) -> None:
+        # ``data`` is the hub's message as it came (it may hold "message" or "code" keys of
+        # its own, so it is never spread into keyword arguments).
         log.info("%s", message)
         if self._on_notice is not None:
-            self._on_notice(Notice(kind, message, data))
+            self._on_notice(Notice(kind, message, {**(data or {}), **extra}))
 
     async def _run(self) -> AsyncGenerator[Event, None]:
         loop = asyncio.get_running_loop()
@@ -259,23 +262,23 @@ class Subscription:
                 self._backoff.reset()
                 self.instance_id = data.get("instance_id")
                 self._notice(NoticeKind.CONNECTED, f"connected to {self.url} (instance "
-                             f"{self.instance_id})", **data)
+                             f"{self.instance_id})", data)
                 await self._subscribe(ws, data.get("event_types") or [])
             elif kind == "subscription_updated" and data.get("unknown_event_types"):
                 # Not fatal: the known types apply, and the hub delivers the others once
                 # events of those types appear (the proxy publishes types of its own).
                 unknown = ", ".join(map(str, data["unknown_event_types"]))
                 self._notice(NoticeKind.ERROR, f"the hub knows no event type {unknown} (yet);"
-                             " subscribed to the others", code=ErrorCode.UNKNOWN_EVENT_TYPE, **data)
+                             " subscribed to the others", data, code=ErrorCode.UNKNOWN_EVENT_TYPE)
             elif kind == "resumed":
                 replayed = data.get("replayed", 0)
                 self._notice(NoticeKind.RESUMED, f"resumed after {data.get('last_event_id')}: "
-                             f"caught up {replayed} event(s)", **data)
+                             f"caught up {replayed} event(s)", data)
             elif kind == "history_truncated":
                 self._notice(NoticeKind.HISTORY_TRUNCATED,
                              "some events were missed: the hub no longer retains events after "
                              f"{data.get('last_event_id')} (replay starts at "
-                             f"{data.get('first_retained_id')})", **data)
+                             f"{data.get('first_retained_id')})", data)
             elif kind == "token_expiring":
                 self._expiring = data
                 await self._refresh(ws, data)
@@ -289,13 +292,13 @@ class Subscription:
                     self._retry_refresh(ws, expiring or {})
                     continue
                 self._notice(NoticeKind.TOKEN_REFRESHED,
-                             f"token refreshed (expires at {data.get('exp')})", **data)
+                             f"token refreshed (expires at {data.get('exp')})", data)
             elif kind == "error":
                 code = str(data.get("code", ""))
                 text = str(data.get("message", ""))
                 if code in _FATAL_ERRORS:
                     raise SubscriptionRefused(text, code=code)
-                self._notice(NoticeKind.ERROR, f"hub error {code}: {text}", **data)
+                self._notice(NoticeKind.ERROR, f"hub error {code}: {text}", data)
 
     def _retry_refresh(self, ws: ClientConnection, notice: dict[str, Any]) -> None:
         exp = notice.get("exp")
@@ -316,7 +319,7 @@ class Subscription:
         """The hub says the token expires soon: send the source's current token."""
         if isinstance(self._token, str):
             self._notice(NoticeKind.ERROR, "the token expires soon and this client has no "
-                         "token source to refresh from", code=ErrorCode.TOKEN_EXPIRED, **data)
+                         "token source to refresh from", data, code=ErrorCode.TOKEN_EXPIRED)
             return
         try:
             token = await current_token(self._token)

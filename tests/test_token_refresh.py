@@ -188,6 +188,34 @@ async def test_client_with_a_token_source_refreshes_by_itself() -> None:
         assert len(issued) >= LIFETIMES + 2  # the connect, then one per refresh
 
 
+async def test_client_reports_a_refused_refresh_as_a_notice() -> None:
+    """A source that hands out another user's token: the hub answers the refresh with an
+    ``error`` (``subject_mismatch``, with its own ``code`` and ``message`` fields), which
+    the client reports as a notice and keeps streaming."""
+    from hub.client import Notice, NoticeKind, subscribe
+
+    async with run_hub(_settings()) as running:
+        tokens = iter([make_token("alice", ttl=TTL)])
+
+        def source() -> str:
+            return next(tokens, None) or make_token("mallory", ttl=3600)
+
+        refused = asyncio.Event()
+        notices: list[Notice] = []
+
+        def on_notice(notice: Notice) -> None:
+            notices.append(notice)
+            if notice.kind is NoticeKind.ERROR and notice.data.get("code") == "subject_mismatch":
+                refused.set()
+
+        async with subscribe(running.url, source, on_notice=on_notice) as events:
+            iterator = aiter(events)
+            first = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait_for(refused.wait(), TTL + 10)
+            event = await running.publish("threat_detected", THREAT)
+            assert (await asyncio.wait_for(first, 10)).id == event.id
+
+
 async def test_client_token_file_is_re_read(tmp_path: Any) -> None:
     from hub.client import current_token, token_file
 
