@@ -129,10 +129,12 @@ class Hub:
     def _all_connections(self) -> Iterator[Subscriber]:
         yield from self.websocket.connections
         yield from self.socketio.connections.values()
+        yield from self.sse.connections
 
     def _revoked(self, revocation: Revocation) -> None:
         closed = (self.websocket.revoke(revocation.covers)
-                  + self.socketio.revoke(revocation.covers))
+                  + self.socketio.revoke(revocation.covers)
+                  + self.sse.revoke(revocation.covers))
         if closed:
             log.warning("closed %d connection(s) after the revocation of %s %s", closed,
                         revocation.kind.value, revocation.value)

@@ -107,6 +107,29 @@ async def test_user_revocation_reaches_the_other_instance_on_both_transports(
         await conn.close()
 
 
+async def test_user_revocation_ends_sse_streams_on_the_other_instance(
+        two_hubs: tuple[RunningHub, RunningHub]) -> None:
+    a, b = two_hubs
+    alice = make_token("alice")
+    async with httpx.AsyncClient(base_url=b.url, timeout=10) as client, client.stream(
+            "GET", "/events/stream", headers={"Authorization": f"Bearer {alice}"}) as stream:
+        assert stream.status_code == 200
+        lines = stream.aiter_lines()
+        async def next_event() -> str:
+            async for line in lines:
+                if line.startswith("event: "):
+                    return line.removeprefix("event: ")
+            return ""  # the stream ended
+        assert await asyncio.wait_for(next_event(), 10) == "connection_established"
+        assert (await revoke(a, user_id="alice")).status_code == 201
+        assert await asyncio.wait_for(next_event(), 10) == "token_revoked"
+        assert await asyncio.wait_for(next_event(), 10) == ""  # and the stream ends
+        again = await client.get("/events/stream",
+                                 headers={"Authorization": f"Bearer {alice}"})
+        assert again.status_code == 401
+        assert again.json()["error"]["code"] == "token_revoked"
+
+
 async def test_jti_revocation_closes_only_that_token(
         two_hubs: tuple[RunningHub, RunningHub]) -> None:
     a, b = two_hubs

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -140,9 +141,11 @@ class SseConnection(Subscriber):
         self.done.set()
 
     def expire(self) -> None:
+        self._end_with("token_expired", "token expired")
+
+    def _end_with(self, name: str, message: str) -> None:
         # As Socket.IO's notice: the code is the WebSocket transports' close code.
-        self.send_control("token_expired", {"code": CloseCode.UNAUTHORIZED,
-                                            "message": "token expired"})
+        self.send_control(name, {"code": CloseCode.UNAUTHORIZED, "message": message})
         self.close_after_flush()
 
 
@@ -251,6 +254,14 @@ class SseTransport:
         while conn.outbox.state is ConnState.OPEN:
             await asyncio.sleep(every)
             conn.send_raw(HEARTBEAT)
+
+    def revoke(self, covers: Callable[[Principal], bool]) -> int:
+        """End the streams whose token is revoked, after a ``token_revoked`` event (an
+        ``EventSource`` reconnects, and its token is refused then)."""
+        closing = [c for c in self.connections if covers(c.principal) and not c.closed]
+        for conn in closing:
+            conn._end_with("token_revoked", "token revoked")
+        return len(closing)
 
     async def shutdown(self) -> None:
         """Flush every stream (the shutdown notice included), then end it."""
