@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -99,18 +100,10 @@ class HttpApi:
     async def admin_reload(self, request: Request) -> JSONResponse:
         """``POST /admin/reload``: what SIGHUP does, for this instance (admin roles)."""
         hub = self.services
-        authorization = request.headers.get("authorization", "")
-        try:
-            if authorization[:7].lower() != "bearer ":
-                raise AuthError("a bearer token is required", code=ErrorCode.MISSING_TOKEN)
-            principal = await hub.verifier.verify_async(strip_bearer(authorization))
-        except AuthError as exc:
-            hub.metrics.auth_failures.labels(exc.code).inc()
-            return error_response(401, exc.code, exc.message,
-                                  headers={"WWW-Authenticate": "Bearer"})
-        if not principal.is_admin:
-            hub.metrics.auth_failures.labels(ErrorCode.FORBIDDEN).inc()
-            return error_response(403, ErrorCode.FORBIDDEN, "reloading needs an admin role")
+        principal = await self._bearer(request, lambda p: p.is_admin,
+                                       "reloading needs an admin role")
+        if isinstance(principal, JSONResponse):
+            return principal
         result = await hub.reload(f"POST /admin/reload by {principal.user_id}")
         if not result.ok:
             return error_response(422, ErrorCode.RELOAD_FAILED,
@@ -121,19 +114,10 @@ class HttpApi:
 
     async def publish(self, request: Request) -> JSONResponse:
         hub = self.services
-        authorization = request.headers.get("authorization", "")
-        try:
-            if authorization[:7].lower() != "bearer ":
-                # Cookies are not accepted here: a cookie-authenticated POST is open to CSRF.
-                raise AuthError("a bearer token is required", code=ErrorCode.MISSING_TOKEN)
-            principal = await hub.verifier.verify_async(strip_bearer(authorization))
-        except AuthError as exc:
-            hub.metrics.auth_failures.labels(exc.code).inc()
-            return error_response(401, exc.code, exc.message,
-                                  headers={"WWW-Authenticate": "Bearer"})
-        if not principal.can_publish:
-            hub.metrics.auth_failures.labels(ErrorCode.FORBIDDEN).inc()
-            return error_response(403, ErrorCode.FORBIDDEN, "this token's role may not publish")
+        principal = await self._bearer(request, lambda p: p.can_publish,
+                                       "this token's role may not publish")
+        if isinstance(principal, JSONResponse):
+            return principal
         idempotency_key = request.headers.get("idempotency-key")
         scoped = None
         if idempotency_key is not None:
@@ -206,31 +190,37 @@ class HttpApi:
                                   headers={"Retry-After": "1"})
         return JSONResponse(page.body(), headers={"cache-control": "no-store"})
 
-    def _admin(self, request: Request) -> Any:
+    async def _admin(self, request: Request) -> Principal | JSONResponse:
         """The admin principal of a request (bearer token with a role in HUB_ADMIN_ROLES),
         or the error response."""
+        return await self._bearer(request, lambda p: p.is_admin,
+                                  "this token's role is not in HUB_ADMIN_ROLES")
+
+    async def _bearer(self, request: Request, may: Callable[[Principal], bool],
+                      forbidden: str) -> Principal | JSONResponse:
+        """The principal of a request's bearer token if ``may`` allows it, else the 401 or
+        403 response. Cookies are never accepted here: a cookie-authenticated POST is open
+        to CSRF."""
         hub = self.services
         authorization = request.headers.get("authorization", "")
         try:
             if authorization[:7].lower() != "bearer ":
-                # No cookies: a cookie-authenticated admin POST is open to CSRF.
                 raise AuthError("a bearer token is required", code=ErrorCode.MISSING_TOKEN)
-            principal = hub.verifier.verify(strip_bearer(authorization))
+            principal = await hub.verifier.verify_async(strip_bearer(authorization))
         except AuthError as exc:
             hub.metrics.auth_failures.labels(exc.code).inc()
             return error_response(401, exc.code, exc.message,
                                   headers={"WWW-Authenticate": "Bearer"})
-        if not principal.is_admin:
+        if not may(principal):
             hub.metrics.auth_failures.labels(ErrorCode.FORBIDDEN).inc()
-            return error_response(403, ErrorCode.FORBIDDEN,
-                                  "this token's role is not in HUB_ADMIN_ROLES")
+            return error_response(403, ErrorCode.FORBIDDEN, forbidden)
         return principal
 
     async def revocations(self, request: Request) -> JSONResponse:
         """``GET /admin/revocations`` lists them; ``POST`` with one of ``user_id``, ``jti``,
         ``tenant_id`` (and an optional ``reason``) revokes on every instance."""
         hub = self.services
-        admin = self._admin(request)
+        admin = await self._admin(request)
         if isinstance(admin, JSONResponse):
             return admin
         if request.method == "GET":
@@ -269,7 +259,7 @@ class HttpApi:
 
     async def connections(self, request: Request) -> JSONResponse:
         """``GET /admin/connections``: every instance's connections (hub/registry.py)."""
-        admin = self._admin(request)
+        admin = await self._admin(request)
         if isinstance(admin, JSONResponse):
             return admin
         return JSONResponse(await self.services.registry.listing())
