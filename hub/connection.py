@@ -531,3 +531,26 @@ class Subscriber(abc.ABC):
     def _send(self, event: Event, replay: bool = False) -> None:
         """Queue one event for the writer; on overflow (not during a replay), disconnect
         as a slow consumer."""
+
+
+class OutboxSubscriber(Subscriber):
+    """A connection whose frames all go through one :class:`Outbox` (``/ws/events``,
+    SSE): the replay's hooks are the outbox's room and drain."""
+
+    outbox: Outbox
+
+    @property
+    def queued(self) -> int:
+        return self.outbox.queued
+
+    def replay_room(self) -> int:
+        return self.outbox.room()
+
+    async def wait_room(self) -> None:
+        # The writer runs until the outbox is empty (or the connection is gone).
+        await self.outbox.wait_drained()
+
+    @property
+    def closed(self) -> bool:
+        # Closing after a flush (shutdown, expiry) takes nothing more: a replay stops there.
+        return not self.outbox.open or super().closed

@@ -29,7 +29,14 @@ from starlette.types import Receive, Scope, Send
 
 from hub._compat import uvicorn as uvicorn_compat
 from hub.auth import Principal
-from hub.connection import ConnState, Outbox, Services, Subscriber, count_slow, schedule_expiry
+from hub.connection import (
+    ConnState,
+    Outbox,
+    OutboxSubscriber,
+    Services,
+    count_slow,
+    schedule_expiry,
+)
 from hub.dispatch.filters import EventFilter, parse_types, split_params
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import Event, is_event_id, now_timestamp
@@ -69,7 +76,7 @@ class _SseOutbox(Outbox):
     GONE = (OSError, RuntimeError)
 
 
-class SseConnection(Subscriber):
+class SseConnection(OutboxSubscriber):
     """One ``/events/stream`` response as the dispatcher sees it."""
 
     transport = "sse"
@@ -88,21 +95,6 @@ class SseConnection(Subscriber):
 
     async def _write(self, chunk: bytes) -> None:
         await self._raw_send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    # -- the core's hooks -----------------------------------------------------------------
-    def replay_room(self) -> int:
-        return self.outbox.room()
-
-    async def wait_room(self) -> None:
-        await self.outbox.wait_drained()
-
-    @property
-    def closed(self) -> bool:
-        return self.outbox.state is not ConnState.OPEN or super().closed
-
-    @property
-    def queued(self) -> int:
-        return self.outbox.queued
 
     def _send(self, event: Event, replay: bool = False) -> None:
         self._put(event_chunk(event), bounded=not replay)

@@ -23,9 +23,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from hub.auth import AuthError, Principal, token_from_headers
 from hub.connection import (
     Outbox,
+    OutboxSubscriber,
     Path,
     Services,
-    Subscriber,
     TokenLifetime,
     count_slow,
 )
@@ -58,7 +58,7 @@ def _encode_frame(event: Event) -> bytes:
     return text_frame(event.text.encode())
 
 
-class PlainConnection(Subscriber):
+class PlainConnection(OutboxSubscriber):
     """A ``/ws/events`` connection: the connection core with the spec's JSON texts."""
 
     transport = "websocket"
@@ -90,22 +90,6 @@ class PlainConnection(Subscriber):
         self.abort(CloseCode.INTERNAL_ERROR, "internal error")
 
     # -- the outbox (hub.connection.Outbox) -----------------------------------------------
-    @property
-    def queued(self) -> int:
-        return self.outbox.queued
-
-    def replay_room(self) -> int:
-        return self.outbox.room()
-
-    async def wait_room(self) -> None:
-        # The writer runs until the outbox is empty (or the connection is gone).
-        await self.outbox.wait_drained()
-
-    @property
-    def closed(self) -> bool:
-        # Closing after a flush (shutdown) takes nothing more: a replay stops there.
-        return not self.outbox.open or super().closed
-
     def _send(self, event: Event, replay: bool = False) -> None:
         outbox = self.outbox
         item = event_frame(event) if outbox.path is _DIRECT else event.text
