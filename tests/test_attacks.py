@@ -15,7 +15,6 @@ import json
 import os
 import re
 import resource
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,20 +30,15 @@ from hub.config import Settings
 from hub.events import Event
 from hub.logs import redact
 from hub.tail import format_line, json_line
-from tests.conftest import SECRET, make_token, start_hub_process, stop_process
+from tests.conftest import SECRET, HubProcess, make_token, start_hub_process, stop_process
 from tests.helpers import client_frame, close_code, recv_type, stalled_client, wait_until
 
 MB = 1024 * 1024
 
 
 # -- a `hub serve` process with its /proc ------------------------------------------------
-class Served:
-    def __init__(self, process: subprocess.Popen[str], port: int, log_path: Path) -> None:
-        self.process, self.port, self.log_path = process, port, log_path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class Served(HubProcess):
+    """A ``hub serve`` process (conftest's) with what the attacks measure in /proc."""
 
     @property
     def ws_url(self) -> str:
@@ -58,9 +52,6 @@ class Served:
         match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
         assert match, field
         return int(match.group(1)) * 1024
-
-    def log(self) -> str:
-        return self.log_path.read_text()
 
     def holds(self, client_port: int) -> bool:
         """Whether the server still has a descriptor for its connection from
