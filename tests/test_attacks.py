@@ -547,13 +547,19 @@ async def test_a_client_that_never_reads_its_responses_is_dropped(tight: Served)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", tight.port))
     sock.setblocking(False)
-    request = b"GET /dashboard/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(ConnectionError):
-        await loop.sock_sendall(sock, request * 400)  # ~23 MB of responses, never read
     port = sock.getsockname()[1]
     try:
+        # One request answered in full first: the server has accepted the connection, so
+        # the check below sees its descriptor (not a connection still in the backlog).
+        await loop.sock_sendall(sock, b"GET /ws/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answered = b""
+        while not re.search(rb"\r\n\r\n\{.*\}$", answered, re.S):
+            answered += await loop.sock_recv(sock, 65536)
         assert tight.holds(port)
+        request = b"GET /dashboard/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        with contextlib.suppress(ConnectionError):
+            await loop.sock_sendall(sock, request * 400)  # ~23 MB of responses, never read
         await wait_until(lambda: not tight.holds(port), 30, "the stalled connection to go")
     finally:
         sock.close()
