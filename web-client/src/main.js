@@ -1,9 +1,21 @@
-// hub dashboard: one Socket.IO connection to the hub that served this page.
+// hub dashboard: the latest events from the hub's history, then live ones over one
+// Socket.IO connection to the hub that served this page.
+//
+// The view is one selection — the event types turned on and a minimum severity — that the
+// hub applies (GET /events for the history, the connection's auth for live events; the
+// page filters nothing itself, except the search box over what is loaded). Changing the
+// selection reloads the view: read the history with the new selection, then reconnect
+// resuming right after the history's newest id, so the hub replays what was published in
+// between and nothing is missed or shown twice.
 
 import { io } from "socket.io-client";
 
+import { CriticalAlerts } from "./alerts.js";
 import { MinuteChart } from "./chart.js";
-import { clock, KNOWN_TYPES, level, levelClass, SAMPLES, summary, typeClass } from "./format.js";
+import {
+  badgeText, clock, isCritical, KNOWN_TYPES, level, levelClass, localTime, SAMPLES, searchText,
+  SEVERITIES, summary, threatContext, typeClass,
+} from "./format.js";
 import { bearerOf, claimsOf, clearAuth, cookieToken, loadAuth, saveAuth } from "./session.js";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +23,7 @@ const $ = (id) => document.getElementById(id);
 // The hub may be mounted under a prefix (/hub/dashboard/ → /hub/socket.io/).
 const BASE = location.pathname.replace(/\/dashboard(\/.*)?$/, "");
 const SEEN_MAX = 5000;
+const HISTORY_MAX = 1000; // GET /events gives at most 1000 events a request
 const COLOURS = {
   threat_detected: "#c678dd",
   provider_health_change: "#56b6c2",
@@ -22,15 +35,21 @@ const EXTRA_COLOURS = ["#98c379", "#d19a66", "#be5046", "#7f848e", "#e06c75"];
 const state = {
   auth: null,
   socket: null,
-  types: [...KNOWN_TYPES],
-  enabled: new Set(KNOWN_TYPES),
-  lastId: null, // the resume point: the greatest event id seen
-  seen: new Set(),
+  types: [...KNOWN_TYPES], // every type the page knows of, in display order
+  disabled: new Set(), // types turned off; none: every type, new ones included
+  minSeverity: "",
+  lastId: null, // the resume point: the newest id the view has covered
+  seen: new Set(), // ids counted in the side panels, once each whatever the view
   seenOrder: [],
+  viewIds: new Set(), // ids in the current view, so that none shows twice
+  viewOrder: [],
+  loadSeq: 0, // bumped by each load of the view; a load overtaken by another gives up
+  quietResume: false, // the resume right after a load is routine, not a reconnect
   paused: false,
   held: [], // events that arrived while paused, oldest first
   pending: [], // events waiting for the next frame, oldest first
   cap: 500,
+  query: "",
   counters: new Map(),
   providers: new Map(),
   costs: [],
@@ -40,6 +59,14 @@ const state = {
 };
 
 const chart = new MinuteChart($("chart"), colourOf);
+const alerts = new CriticalAlerts({
+  describe: (event) => ({
+    title: `Critical ${event.type.replace(/_/g, " ")}`,
+    body: [summary(event), ...threatContext(event).map(([k, v]) => `${k} ${v}`)].join(" · "),
+  }),
+  problem: (text) => banner("alerts", "warn", text),
+  changed: renderAlertButtons,
+});
 
 function colourOf(type) {
   if (COLOURS[type]) return COLOURS[type];
@@ -80,6 +107,7 @@ $("sign-out").addEventListener("click", () => {
 
 function refuse(message) {
   state.stopped = true;
+  state.loadSeq++; // a load under way stops
   clearAuth();
   if (state.socket) {
     state.socket.disconnect();
@@ -103,8 +131,7 @@ async function start(auth) {
   await loadTypes();
   renderFilters();
   renderCounters();
-  setConnection("reconnecting", "connecting…");
-  connect();
+  load();
   probePublish();
 }
 
@@ -114,16 +141,80 @@ async function loadTypes() {
     const response = await fetch(`${BASE}/openapi.json`);
     const doc = await response.json();
     const names = doc.components.schemas.PublishRequest.properties.type.enum;
-    if (Array.isArray(names) && names.length) {
-      state.types = names;
-      state.enabled = new Set(names);
-    }
+    if (Array.isArray(names) && names.length) learnTypes(names);
   } catch {
     // Keep the built-in types.
   }
 }
 
+/** The types the view asks for: null for every type (those the hub learns later too). */
+function selectedTypes() {
+  return state.disabled.size ? state.types.filter((t) => !state.disabled.has(t)) : null;
+}
+
+function selectionFilter() {
+  return state.minSeverity ? { min_severity: state.minSeverity } : null;
+}
+
+/** (Re)load the view for the current selection: its history, then live events. */
+async function load() {
+  const seq = ++state.loadSeq;
+  // The previous selection's stream stops first; what it would have sent is in the history.
+  if (state.socket?.connected || state.socket?.active) state.socket.disconnect();
+  setConnection("reconnecting", "loading history…");
+  clearView();
+  const page = await fetchHistory();
+  if (seq !== state.loadSeq || state.stopped) return; // overtaken by a newer load
+  if (page) {
+    for (const event of page.events) receive(event, false);
+    // Resume after the newest id the history read (not only the newest it matched): the
+    // hub replays just what was published since. An empty history: from the start.
+    state.lastId = page.next_after || newest(page.events) || "0-0";
+    const n = page.events.length;
+    note(n ? `Latest ${n} event${n === 1 ? "" : "s"} from the history, then live ones.`
+      : "No matching events in the history; waiting for live ones.");
+  }
+  state.quietResume = Boolean(state.lastId);
+  connect();
+}
+
+async function fetchHistory() {
+  const types = selectedTypes();
+  if (types && !types.length) {
+    note("No event types selected.");
+    return { events: [], next_after: null };
+  }
+  const params = new URLSearchParams({ limit: String(Math.min(state.cap, HISTORY_MAX)) });
+  if (types) params.set("types", types.join(","));
+  if (state.minSeverity) params.set("min_severity", state.minSeverity);
+  const headers = {};
+  // A pasted token goes as a bearer; with the cookie the browser sends it by itself.
+  if (state.auth.mode === "token") headers.Authorization = `Bearer ${state.auth.token}`;
+  try {
+    const response = await fetch(`${BASE}/events?${params}`, { headers, cache: "no-store" });
+    const body = await response.json().catch(() => ({}));
+    if (response.ok && Array.isArray(body.events)) {
+      document.querySelector('.banner[data-key="history"]')?.remove();
+      return body;
+    }
+    const why = body?.error?.message || response.statusText || String(response.status);
+    historyProblem(`the hub answered ${response.status} (${why})`);
+  } catch (err) {
+    historyProblem(`the hub is unreachable (${err.message})`);
+  }
+  return null;
+}
+
+function historyProblem(why) {
+  banner("history", "warn", `Could not load the history: ${why}. Showing live events only.`);
+  note("History unavailable: live events only.");
+}
+
 function connect() {
+  if (state.socket) {
+    state.socket.connect();
+    return;
+  }
   const socket = io(location.origin, {
     path: `${BASE}/socket.io/`,
     transports: ["websocket", "polling"],
@@ -131,11 +222,15 @@ function connect() {
     reconnectionDelay: 500,
     reconnectionDelayMax: 5000,
     randomizationFactor: 0.5,
-    // Evaluated on every (re)connect: the hub resumes after the last id we saw, with the
-    // types the filters currently allow, so the page misses nothing across a restart.
+    // Evaluated on every (re)connect: the view's selection, and a resume after the last
+    // id covered, so the page misses nothing across a reload, a restart or a network cut.
     auth: (cb) => {
-      const payload = { event_types: [...state.enabled] };
+      const payload = {};
       if (state.auth.mode === "token") payload.token = state.auth.token;
+      const types = selectedTypes();
+      if (types) payload.event_types = types;
+      const filter = selectionFilter();
+      if (filter) payload.filter = filter;
       if (state.lastId) payload.last_event_id = state.lastId;
       cb(payload);
     },
@@ -165,6 +260,8 @@ function connect() {
 
   socket.on("disconnect", (reason) => {
     if (state.stopped) return;
+    state.quietResume = false;
+    if (reason === "io client disconnect") return; // a reload of the view: it says so
     setConnection(navigator.onLine ? "reconnecting" : "offline");
     // After a server-side disconnect (instance shutting down, slow consumer) socket.io
     // does not reconnect by itself; every other reason it retries with backoff.
@@ -176,10 +273,14 @@ function connect() {
   });
 
   socket.on("resumed", (info) => {
+    if (state.quietResume) {
+      state.quietResume = false; // the hand-over from the history to live events
+      return;
+    }
     const n = info?.replayed ?? 0;
     const text = `Reconnected — caught up ${n} event${n === 1 ? "" : "s"} missed while away.`;
     banner("resumed", "ok", text);
-    $("feed-note").textContent = text;
+    note(text);
   });
 
   socket.on("history_truncated", (info) => {
@@ -194,11 +295,17 @@ function connect() {
 
   socket.on("error", (err) => banner("server-error", "bad", `Hub error: ${err?.message ?? err}`));
 
-  socket.on("connection_established", (info) => showInstance(info?.instance_id));
+  socket.on("connection_established", (info) => {
+    showInstance(info?.instance_id);
+    const types = Array.isArray(info?.event_types) ? info.event_types.map(String) : [];
+    // What the hub confirms it sends this connection (shown to tests and curious users).
+    $("filters").dataset.subscribed = [...types].sort().join(",");
+    if (!selectedTypes()) learnTypes(types);
+  });
 
   socket.onAny((name, envelope) => {
     if (envelope && typeof envelope === "object" && envelope.id && envelope.type === name) {
-      receive(envelope);
+      receive(envelope, true);
     }
   });
 }
@@ -241,37 +348,63 @@ window.addEventListener("online", () => {
 
 // -- events ----------------------------------------------------------------------------
 function compareIds(a, b) {
-  const [am, as] = a.split("-").map(Number);
-  const [bm, bs] = b.split("-").map(Number);
+  const [am, as] = String(a).split("-").map(Number);
+  const [bm, bs] = String(b).split("-").map(Number);
   return am - bm || as - bs;
 }
 
-function receive(event) {
-  if (state.seen.has(event.id)) return; // a duplicate at the seam of replay and live
-  state.seen.add(event.id);
-  state.seenOrder.push(event.id);
-  if (state.seenOrder.length > SEEN_MAX) state.seen.delete(state.seenOrder.shift());
-  if (!state.lastId || compareIds(event.id, state.lastId) > 0) state.lastId = event.id;
+function newest(events) {
+  return events.reduce((id, e) => (!id || compareIds(e.id, id) > 0 ? e.id : id), null);
+}
 
-  state.counters.set(event.type, (state.counters.get(event.type) || 0) + 1);
-  if (!state.types.includes(event.type)) state.types.push(event.type);
-  chart.add(event);
-  if (event.type === "provider_health_change" && event.data?.provider) {
-    state.providers.set(event.data.provider, event);
-  } else if (event.type === "cost_threshold_alert") {
-    state.costs.unshift(event);
-    state.costs.length = Math.min(state.costs.length, 8);
-  } else if (event.type === "system_status") {
-    systemBanner(event);
+function remember(set, order, id) {
+  set.add(id);
+  order.push(id);
+  if (order.length > SEEN_MAX) set.delete(order.shift());
+}
+
+/** An event for the view: from the history (`live` false) or the connection. */
+function receive(event, live) {
+  if (typeof event?.id !== "string" || typeof event.type !== "string") return;
+  if (state.viewIds.has(event.id)) return; // at the seam of history, replay and live
+  remember(state.viewIds, state.viewOrder, event.id);
+  if (live && (!state.lastId || compareIds(event.id, state.lastId) > 0)) state.lastId = event.id;
+  if (!state.types.includes(event.type)) learnTypes([event.type]);
+
+  if (!state.seen.has(event.id)) {
+    remember(state.seen, state.seenOrder, event.id);
+    state.counters.set(event.type, (state.counters.get(event.type) || 0) + 1);
+    chart.add(event);
+    if (event.type === "provider_health_change" && typeof event.data?.provider === "string") {
+      state.providers.set(event.data.provider, event);
+    } else if (event.type === "cost_threshold_alert") {
+      state.costs.unshift(event);
+      state.costs.length = Math.min(state.costs.length, 8);
+    }
   }
-  const queue = state.paused ? state.held : state.pending;
+  if (live) {
+    // Only what happens now: the history's old news raise no banner and no alert.
+    if (event.type === "system_status") systemBanner(event);
+    if (isCritical(event)) alerts.add(event);
+  }
+  const queue = state.paused && live ? state.held : state.pending;
   queue.push(event);
   if (queue.length > state.cap) queue.splice(0, queue.length - state.cap);
   scheduleRender();
 }
 
+function clearView() {
+  $("feed").replaceChildren();
+  state.pending = [];
+  state.held = [];
+  state.viewIds = new Set();
+  state.viewOrder = [];
+  scheduleRender();
+}
+
 function systemBanner(event) {
   const d = event.data || {};
+  if (typeof d.status !== "string") return; // the proxy's alert shape: a row is enough
   const who = d.instance_id ? `Instance ${d.instance_id}` : "The hub";
   const texts = {
     online: [`${who} is online${d.version ? ` (version ${d.version})` : ""}.`, "ok"],
@@ -302,6 +435,7 @@ function render() {
   $("feed-empty").hidden = feed.childElementCount > 0;
   $("pause").textContent = state.paused
     ? `Resume${state.held.length ? ` (${state.held.length} new)` : ""}` : "Pause";
+  renderSearchCount();
   renderCounters();
   chart.render();
   renderProviders();
@@ -313,19 +447,36 @@ function row(event) {
   li.className = "ev new";
   li.dataset.type = event.type;
   li.dataset.id = event.id;
-  li.hidden = isFiltered(event.type);
+  li.event = event; // for the export
+  li.searchText = searchText(event);
+  li.hidden = !matchesSearch(li);
   const details = document.createElement("details");
   const head = document.createElement("summary");
   const time = document.createElement("time");
+  const when = localTime(event.timestamp);
   time.dateTime = event.timestamp;
-  time.textContent = clock(event.timestamp);
-  time.title = `${event.timestamp} · id ${event.id}`;
+  if (when.date) time.append(span("date", when.date));
+  time.append(span("clock", when.time));
+  time.title = when.utc ? `UTC ${when.utc}` : "";
   const type = span(`type ${typeClass(event.type)}`, event.type);
+  type.title = event.type;
   const lvl = level(event);
-  const badge = span(`badge ${levelClass(lvl)}`, (lvl === "config_change" ? "config" : lvl.replace(/_/g, " ")) || "—");
+  const badge = span(`badge ${levelClass(lvl)}`, badgeText(lvl));
+  badge.title = lvl;
   const text = span("sum", summary(event));
   text.title = text.textContent;
   head.append(time, type, badge, text);
+  const context = threatContext(event);
+  if (context.length) {
+    const meta = span("meta", "");
+    for (const [label, value] of context) {
+      const item = span(`kv kv-${label}`, "");
+      item.append(span("k", label), document.createTextNode(" "), span("v", value));
+      item.title = `${label}: ${value}`;
+      meta.append(item);
+    }
+    head.append(meta);
+  }
   const pre = document.createElement("pre");
   pre.textContent = JSON.stringify(event, null, 2);
   details.append(head, pre);
@@ -447,7 +598,14 @@ function note(text) {
   $("feed-note").textContent = text;
 }
 
-// -- filters, pause, cap ---------------------------------------------------------------
+// -- the selection: types and minimum severity (applied by the hub) --------------------
+function learnTypes(names) {
+  const fresh = names.filter((n) => typeof n === "string" && n && !state.types.includes(n));
+  if (!fresh.length) return;
+  state.types.push(...fresh);
+  renderFilters();
+}
+
 function renderFilters() {
   const box = $("filters");
   box.replaceChildren(...state.types.map((type) => {
@@ -455,43 +613,88 @@ function renderFilters() {
     label.className = "filter";
     const input = document.createElement("input");
     input.type = "checkbox";
-    input.checked = state.enabled.has(type);
+    input.checked = !state.disabled.has(type);
     input.dataset.type = type;
-    input.addEventListener("change", () => setFilter(type, input.checked));
+    input.addEventListener("change", () => setType(type, input.checked));
     const swatch = span("swatch", "");
     swatch.style.background = colourOf(type);
-    label.append(input, swatch, document.createTextNode(type));
+    label.append(input, swatch, span("name", type));
+    label.title = type;
     return label;
   }));
-  applyFilterStyle();
 }
 
-function setFilter(type, on) {
-  if (on) state.enabled.add(type);
-  else state.enabled.delete(type);
-  applyFilterStyle();
-  // Change the server-side subscription: the hub stops (or starts) sending this type.
-  const socket = state.socket;
-  if (socket?.connected) {
-    socket.emit(on ? "subscribe" : "unsubscribe", { event_types: [type] }, (ack) => {
-      if (ack?.error) banner("filter", "bad", `Could not change the subscription: ${ack.error.message}`);
-      // What the hub confirms it sends us now (shown to tests and curious users).
-      else if (ack?.subscribed_to) $("filters").dataset.subscribed = ack.subscribed_to.join(",");
-    });
+function setType(type, on) {
+  if (on) state.disabled.delete(type);
+  else state.disabled.add(type);
+  load();
+}
+
+const severity = $("min-severity");
+severity.replaceChildren(...SEVERITIES.map(([value, label]) => {
+  const option = document.createElement("option");
+  option.value = value;
+  option.textContent = label;
+  return option;
+}));
+severity.addEventListener("change", () => {
+  state.minSeverity = severity.value;
+  load();
+});
+
+// -- search over what is loaded, export ------------------------------------------------
+function matchesSearch(li) {
+  return !state.query || li.searchText.includes(state.query);
+}
+
+$("search").addEventListener("input", () => {
+  state.query = $("search").value.trim().toLowerCase();
+  for (const li of $("feed").children) li.hidden = !matchesSearch(li);
+  renderSearchCount();
+});
+
+function renderSearchCount() {
+  const feed = $("feed");
+  const search = $("search");
+  if (!state.query) {
+    delete search.dataset.matches;
+    return;
   }
+  let shown = 0;
+  for (const li of feed.children) if (!li.hidden) shown++;
+  search.dataset.matches = String(shown);
+  search.title = `${shown} of ${feed.childElementCount} loaded rows match`;
 }
 
-function applyFilterStyle() {
-  // Rows of a filtered-out type stay in memory and come back when it is re-enabled. (Not
-  // through a generated <style>: the dashboard's Content-Security-Policy forbids inline
-  // styles.)
-  for (const li of $("feed").children) li.hidden = isFiltered(li.dataset.type);
+/** The rows shown (search applied), oldest first, as NDJSON: one envelope a line. */
+$("export").addEventListener("click", () => {
+  const events = [...$("feed").children].filter((li) => !li.hidden).map((li) => li.event).reverse();
+  const text = events.map((e) => JSON.stringify(e)).join("\n") + (events.length ? "\n" : "");
+  const url = URL.createObjectURL(new Blob([text], { type: "application/x-ndjson" }));
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = `hub-events-${new Date().toISOString().replace(/[:.]/g, "-")}.ndjson`;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  note(`Exported ${events.length} row${events.length === 1 ? "" : "s"}.`);
+});
+
+// -- alerts ----------------------------------------------------------------------------
+function renderAlertButtons() {
+  for (const [id, on] of [["notify", alerts.notify], ["sound", alerts.sound]]) {
+    $(id).setAttribute("aria-pressed", String(on));
+  }
+  $("notify").textContent = alerts.notify ? "Notify critical: on" : "Notify critical";
+  $("sound").textContent = alerts.sound ? "Sound: on" : "Sound";
 }
 
-function isFiltered(type) {
-  return state.types.includes(type) && !state.enabled.has(type);
-}
+$("notify").addEventListener("click", () => alerts.toggleNotify());
+$("sound").addEventListener("click", () => alerts.toggleSound());
+renderAlertButtons();
 
+// -- pause, cap, clear -----------------------------------------------------------------
 $("pause").addEventListener("click", () => {
   state.paused = !state.paused;
   $("pause").setAttribute("aria-pressed", String(state.paused));
