@@ -206,7 +206,7 @@ const TIME = { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle:
 /** The event's local time with its zone ("10:30:00 EST"), and its date when it is not
  * today's ("Jan 15"), in the browser's time zone. */
 export function localTime(timestamp, now = new Date()) {
-  const t = new Date(timestamp);
+  const t = new Date(typeof timestamp === "string" ? timestamp : NaN);
   if (Number.isNaN(t.getTime())) return { time: str(timestamp), date: "", utc: "" };
   const time = t.toLocaleTimeString([], { ...TIME, timeZoneName: "short" });
   const sameDay = t.toDateString() === now.toDateString();
