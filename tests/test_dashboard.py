@@ -222,9 +222,11 @@ async def test_cookie_sign_in(page: Page) -> None:
             "name": "ks_access_token", "value": "Bearer%20" + make_token("carol"),
             "url": hub.url,
         }])
+        earlier = await post_event(hub, "provider_health_change", HEALTH)
         await page.goto(hub.url + "/dashboard/")
         await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
         await expect(page.locator("#who")).to_have_text("carol (viewer)")
+        await expect(row(page, earlier)).to_be_visible()  # GET /events, by the cookie too
         event_id = await post_event(hub, "cost_threshold_alert", COST)
         await expect(row(page, event_id)).to_be_visible()
         await expect(page.locator("#costs")).to_contain_text("daily budget at 80%")
@@ -733,8 +735,13 @@ LAYOUT_CHECK = """
       }
     }
   }
+  // Nor a box that scrolls sideways inside the page (the expanded JSON of a row may).
+  const sideways = [...document.querySelectorAll("body *")].filter((el) =>
+    !["PRE", "TEXTAREA"].includes(el.tagName) && el.scrollWidth > el.clientWidth + 1
+    && ["auto", "scroll"].includes(getComputedStyle(el).overflowX))
+    .map((el) => el.id || el.className);
   const conn = document.getElementById("conn").getBoundingClientRect();
-  return {scrollWidth: scroller.scrollWidth, clientWidth: scroller.clientWidth, overlaps,
+  return {scrollWidth: scroller.scrollWidth, clientWidth: scroller.clientWidth, overlaps, sideways,
           connInView: conn.top >= 0 && conn.bottom <= innerHeight && conn.right <= innerWidth};
 }
 """
@@ -775,6 +782,7 @@ async def test_layout_holds_at_420_px_and_screenshots(page: Page, tmp_path: Path
             await page.evaluate("window.scrollTo(0, 0)")
             layout = await page.evaluate(LAYOUT_CHECK)
             assert layout["scrollWidth"] <= layout["clientWidth"] == width, layout
+            assert layout["sideways"] == [], layout["sideways"]
             assert layout["overlaps"] == [], layout["overlaps"]
             shot = tmp_path / f"dashboard-{width}.png"
             await page.screenshot(path=str(shot), full_page=True)
