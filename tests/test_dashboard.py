@@ -352,15 +352,18 @@ async def test_dashboard_sends_security_headers_and_a_relative_redirect(
     assert redirect.headers["location"] == "/dashboard/"  # a path, not built from Host
 
 
+CSP_RECORDER = ("document.addEventListener('securitypolicyviolation', e => "
+                "(window.__csp = window.__csp || [])"
+                ".push(e.violatedDirective + ' ' + e.blockedURI))")
+
+
 @in_browser
 async def test_dashboard_works_under_its_csp_and_keeps_the_token_in_memory(page: Page) -> None:
     violations: list[str] = []
     page.on("console", lambda msg: violations.append(msg.text)
             if "Content Security Policy" in msg.text else None)
     async with run_hub(make_settings()) as hub:
-        await page.add_init_script(
-            "document.addEventListener('securitypolicyviolation', e => "
-            "(window.__csp = window.__csp || []).push(e.violatedDirective + ' ' + e.blockedURI))")
+        await page.add_init_script(CSP_RECORDER)
         token = make_token("alice", "viewer")
         await sign_in(page, hub, token)
         event_id = await post_event(hub, "threat_detected", THREAT)
@@ -561,6 +564,7 @@ async def test_search_narrows_the_loaded_rows_and_export_gives_them_as_ndjson(
             ("threat_detected", {**THREAT, "attack_type": "pii_leak"}),
             ("provider_health_change", HEALTH)])
         token = make_token()
+        await page.add_init_script(CSP_RECORDER)
         await sign_in(page, hub, token)
         await expect(row(page, jailbreak)).to_be_visible()
 
@@ -583,6 +587,7 @@ async def test_search_narrows_the_loaded_rows_and_export_gives_them_as_ndjson(
             await page.click("#export")
         exported = [json.loads(line) for line in (await read_download(download)).splitlines()]
         assert exported == stored  # every row shown, oldest first, the envelopes unchanged
+        assert await page.evaluate("window.__csp || []") == []  # the download, under the CSP
 
 
 @in_browser
@@ -655,6 +660,7 @@ async def test_critical_events_notify_and_sound_only_once_turned_on(browser: Bro
         async with new_page(browser) as page:
             await page.context.grant_permissions(["notifications"], origin=hub.url)
             await page.add_init_script(ALERT_RECORDER)
+            await page.add_init_script(CSP_RECORDER)
             await hub.publish("threat_detected", critical)  # history: old news, no alert
             await sign_in(page, hub, make_token())
             off = await post_event(hub, "threat_detected", critical)
@@ -680,6 +686,19 @@ async def test_critical_events_notify_and_sound_only_once_turned_on(browser: Bro
             await post_event(hub, "threat_detected", critical)
             await page.wait_for_function("() => window.__tones === 6")  # the alert ran…
             assert len(await page.evaluate("window.__notes")) == 1  # …without a notification
+            assert await page.evaluate("window.__csp || []") == []
+
+            # The choices outlive a reload; the critical events of the history raise nothing,
+            # the next live one does.
+            await page.click("#notify")
+            await page.reload()
+            await sign_in(page, hub, make_token())
+            await expect(page.locator("#notify")).to_have_attribute("aria-pressed", "true")
+            await expect(page.locator("#sound")).to_have_attribute("aria-pressed", "true")
+            await expect(row(page, on)).to_be_visible()
+            await post_event(hub, "threat_detected", {**critical, "attack_type": "after_reload"})
+            await page.wait_for_function(
+                "() => window.__notes.length === 1 && window.__notes[0].body.includes('after_')")
 
 
 @in_browser
