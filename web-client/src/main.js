@@ -45,6 +45,7 @@ const state = {
   viewOrder: [],
   loadSeq: 0, // bumped by each load of the view; a load overtaken by another gives up
   quietResume: false, // the resume right after a load is routine, not a reconnect
+  loading: false, // from a load's start to its connection's connect
   paused: false,
   held: [], // events that arrived while paused, oldest first
   pending: [], // events waiting for the next frame, oldest first
@@ -159,11 +160,20 @@ function selectionFilter() {
 /** (Re)load the view for the current selection: its history, then live events. */
 async function load() {
   const seq = ++state.loadSeq;
+  state.loading = true;
   // The previous selection's stream stops first; what it would have sent is in the history.
   if (state.socket?.connected || state.socket?.active) state.socket.disconnect();
   setConnection("reconnecting", "loading history…");
   clearView();
-  const page = await fetchHistory();
+  const types = selectedTypes();
+  if (types && !types.length) {
+    note("No event types selected.");
+    state.lastId = null; // nothing to resume: the connection carries no types
+    state.quietResume = false;
+    connect();
+    return;
+  }
+  const page = await fetchHistory(types);
   if (seq !== state.loadSeq || state.stopped) return; // overtaken by a newer load
   if (page) {
     for (const event of page.events) receive(event, false);
@@ -178,12 +188,7 @@ async function load() {
   connect();
 }
 
-async function fetchHistory() {
-  const types = selectedTypes();
-  if (types && !types.length) {
-    note("No event types selected.");
-    return { events: [], next_after: null };
-  }
+async function fetchHistory(types) {
   const params = new URLSearchParams({ limit: String(Math.min(state.cap, HISTORY_MAX)) });
   if (types) params.set("types", types.join(","));
   if (state.minSeverity) params.set("min_severity", state.minSeverity);
@@ -239,7 +244,8 @@ function connect() {
 
   socket.on("connect", () => {
     setConnection("connected");
-    if (state.everConnected && !state.lastId) note("Reconnected.");
+    if (state.everConnected && !state.lastId && !state.loading) note("Reconnected.");
+    state.loading = false;
     state.everConnected = true;
     loadInstance();
   });
@@ -261,7 +267,7 @@ function connect() {
   socket.on("disconnect", (reason) => {
     if (state.stopped) return;
     state.quietResume = false;
-    if (reason === "io client disconnect") return; // a reload of the view: it says so
+    if (state.loading) return; // the view is reloading, and says so
     setConnection(navigator.onLine ? "reconnecting" : "offline");
     // After a server-side disconnect (instance shutting down, slow consumer) socket.io
     // does not reconnect by itself; every other reason it retries with backoff.
