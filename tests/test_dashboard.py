@@ -192,6 +192,14 @@ async def test_type_filter_changes_the_subscription(page: Page) -> None:
         threat3 = await post_event(hub, "threat_detected", THREAT)
         await expect(row(page, threat3)).to_be_visible()
 
+        for type_ in ("threat_detected", "provider_health_change", "cost_threshold_alert",
+                      "system_status"):
+            await page.uncheck(f'#filters input[data-type="{type_}"]')
+        await subscribed(page, "")
+        await expect(page.locator("#feed li")).to_have_count(0)
+        await expect(page.locator("#feed-note")).to_have_text("No event types selected.")
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
+
 
 async def subscribed(page: Page, types: str) -> None:
     """Wait for the hub's acknowledgement of the page's filter change."""
