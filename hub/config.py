@@ -134,6 +134,12 @@ class Settings:
     # How often each instance stores a snapshot of its connections in Redis for
     # GET /admin/connections (hub/registry.py).
     connections_registry_s: float = 5.0
+    # -- durable consumers (README "Durable consumers") -----------------------------------
+    # Retention keeps at least this many events (the larger of it and HUB_HISTORY_SIZE),
+    # so a consumer this far behind its last ack loses nothing; further, it is told.
+    consumer_max_lag: int = 10_000
+    consumer_max_per_user: int = 16
+    consumer_max_total: int = 1_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -162,6 +168,12 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+    @property
+    def retained_events(self) -> int:
+        """How many events the history keeps: HUB_HISTORY_SIZE, or HUB_CONSUMER_MAX_LAG
+        when larger (what a consumer has not acknowledged is kept up to that bound)."""
+        return max(self.history_size, self.consumer_max_lag)
 
     @property
     def backend(self) -> str:
@@ -292,7 +304,8 @@ class Settings:
                      "max_connections_per_user", "refusal_limit",
                      "history_concurrency", "redis_max_connections", "max_header_bytes",
                      "max_headers", "max_pending_connections", "max_pending_per_address",
-                     "journal_max_events", "sse_heartbeat_s", "sse_retry_ms"):
+                     "journal_max_events", "sse_heartbeat_s", "sse_retry_ms",
+                     "consumer_max_lag", "consumer_max_per_user", "consumer_max_total"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",

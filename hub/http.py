@@ -23,6 +23,7 @@ from hub.auth import (
     token_from_headers,
 )
 from hub.config import Settings
+from hub.consumers import Consumers
 from hub.dispatch import Dispatcher
 from hub.dispatch.filters import parse_types, split_params
 from hub.dispatch.query import read_history
@@ -50,6 +51,7 @@ class HttpServices(Protocol):
     started_at: float | None
     revocations: Revocations
     registry: ConnectionRegistry
+    consumers: Consumers
 
     def connection_counts(self) -> dict[str, int]: ...
 
@@ -264,9 +266,29 @@ class HttpApi:
             return admin
         return JSONResponse(await self.services.registry.listing())
 
+    async def consumers(self, request: Request) -> JSONResponse:
+        """``GET /consumers``: every durable consumer, its cursor and lag (hub/consumers.py)."""
+        admin = await self._admin(request)
+        if isinstance(admin, JSONResponse):
+            return admin
+        hub = self.services
+        try:
+            rows = await hub.consumers.listing(hub.registry.local_connections())
+        except BackendUnavailable:
+            return error_response(503, ErrorCode.CONSUMER_UNAVAILABLE,
+                                  "the consumers' cursors cannot be read right now",
+                                  headers={"Retry-After": "1"})
+        settings = hub.settings
+        return JSONResponse({"consumers": rows, "count": len(rows),
+                             "max_lag": settings.consumer_max_lag,
+                             "max_per_user": settings.consumer_max_per_user,
+                             "max_total": settings.consumer_max_total},
+                            headers={"cache-control": "no-store"})
+
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        await self.services.consumers.update_metrics()
         return Response(self.services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> JSONResponse:

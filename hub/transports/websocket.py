@@ -297,16 +297,36 @@ class PlainTransport:
         if message.action is Action.REFRESH:
             self._refresh(conn, message.token)
             return
+        if message.action is Action.ACK:
+            # No reply: acks are cumulative and frequent; only a bad one gets an error.
+            self.hub.consumers.ack(conn, message.event_id)
+            return
         types = dispatcher.check_types(message.event_types)
+        start: str | None = None
         if message.action is Action.SUBSCRIBE:
             # Checked before anything changes: a malformed filter changes nothing.
             flt = parse_filter(message.filter) if message.has_filter else conn.filter
+            if message.consumer is not None:
+                consumers = self.hub.consumers
+                if not consumers.check_bindable(conn, message.consumer):
+                    record = await consumers.register(conn.principal, message.consumer,
+                                                      message.last_event_id)
+                    # (The read loop waits meanwhile: nothing else changes the connection.)
+                    start = consumers.attach(conn, record)
             dispatcher.subscribe(conn, types)
             conn.filter = flt
         else:
             dispatcher.unsubscribe(conn, types)
-        conn.send_control("subscription_updated", dispatcher.subscription_reply(conn, types))
-        if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
+        reply = dispatcher.subscription_reply(conn, types)
+        if conn.consumer is not None:
+            reply["consumer"] = conn.consumer.describe()
+        conn.send_control("subscription_updated", reply)
+        if start is not None:
+            # A consumer resumes from its cursor (its last_event_id only chose where a new
+            # one starts).
+            self._resume(conn, start)
+        elif (message.action is Action.SUBSCRIBE and message.last_event_id is not None
+              and message.consumer is None):
             self._resume(conn, message.last_event_id)
 
     def _refresh(self, conn: PlainConnection, token: str | None) -> None:

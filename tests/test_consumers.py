@@ -1,0 +1,330 @@
+"""Durable consumers (issue 14, item 4): a cursor the hub keeps per user and name, moved by
+acks; after a disconnect, a crash of the pipeline or a restart of a hub instance the
+consumer gets every event after its last ack (at least once), then live ones."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import socketio
+import websockets
+
+from hub.consumers import MemoryCursors, Owner, check_name
+from hub.errors import ErrorCode, ProtocolError
+from hub.protocol import Action, parse_client_message
+from tests.conftest import (
+    RunningHub,
+    make_settings,
+    make_token,
+    run_hub,
+)
+from tests.helpers import THREAT, connected, recv_json, recv_type, send_json, wait_until
+from tests.sio_helpers import SioClient
+
+ALICE = make_token("alice")
+ADMIN = make_token("root", "admin")
+TYPES = ["threat_detected"]
+
+
+def threat(n: int, severity: str = "high") -> dict[str, Any]:
+    return {**THREAT, "severity": severity, "n": n}
+
+
+# -- the protocol, without a socket ------------------------------------------------------
+def test_ack_and_consumer_parse() -> None:
+    ack = parse_client_message('{"action": "ack", "id": "1700000000000-3"}')
+    assert ack.action is Action.ACK and ack.event_id == "1700000000000-3"
+    sub = parse_client_message(orjson.dumps({
+        "action": "subscribe", "event_types": TYPES, "consumer": "etl-1.a:b_c"}).decode())
+    assert sub.consumer == "etl-1.a:b_c"
+    assert parse_client_message('{"action": "subscribe", "event_types": []}').consumer is None
+
+
+@pytest.mark.parametrize("message,code", [
+    ({"action": "ack"}, ErrorCode.INVALID_ACK),
+    ({"action": "ack", "id": "latest"}, ErrorCode.INVALID_ACK),
+    ({"action": "ack", "id": 17}, ErrorCode.INVALID_ACK),
+    ({"action": "subscribe", "event_types": [], "consumer": ""}, ErrorCode.INVALID_CONSUMER),
+    ({"action": "subscribe", "event_types": [], "consumer": "x" * 65},
+     ErrorCode.INVALID_CONSUMER),
+    ({"action": "subscribe", "event_types": [], "consumer": "a b"},
+     ErrorCode.INVALID_CONSUMER),
+    ({"action": "subscribe", "event_types": [], "consumer": "-lead"},
+     ErrorCode.INVALID_CONSUMER),
+    ({"action": "subscribe", "event_types": [], "consumer": ["etl"]},
+     ErrorCode.INVALID_CONSUMER),
+])
+def test_bad_ack_or_consumer_is_a_distinct_error(message: dict[str, Any], code: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_message(orjson.dumps(message).decode())
+    assert caught.value.code == code
+
+
+def test_names_up_to_64_characters() -> None:
+    assert check_name("a" * 64) == "a" * 64
+
+
+# -- the memory store --------------------------------------------------------------------
+async def test_memory_store_bounds_scopes_and_monotonic_acks() -> None:
+    store = MemoryCursors()
+    alice, bob = Owner("alice", None), Owner("alice", "tenant-b")
+    first = await store.register(alice, "etl", "5-0", max_total=3, max_per_owner=2)
+    assert first.acked == "5-0"
+    # Existing: found as it is (its start stays), whatever start is asked for.
+    assert (await store.register(alice, "etl", "9-0", max_total=3, max_per_owner=2)).acked == "5-0"
+    # Same user name in another tenant: another owner, another consumer.
+    assert (await store.register(bob, "etl", "1-0", max_total=3, max_per_owner=2)).acked == "1-0"
+    await store.register(alice, "second", "0-0", max_total=3, max_per_owner=2)
+    with pytest.raises(ProtocolError) as caught:
+        await store.register(alice, "third", "0-0", max_total=9, max_per_owner=2)
+    assert caught.value.code == ErrorCode.TOO_MANY_CONSUMERS
+    with pytest.raises(ProtocolError) as caught:
+        await store.register(Owner("carol", None), "x", "0-0", max_total=3, max_per_owner=2)
+    assert caught.value.code == ErrorCode.TOO_MANY_CONSUMERS
+    await store.ack(alice, "etl", "7-2")
+    await store.ack(alice, "etl", "6-9")  # older: ignored
+    await store.ack(alice, "etl", "7-2")
+    records = {(r.tenant, r.name): r for r in await store.listing()}
+    assert records[(None, "etl")].acked == "7-2"
+    assert records[("tenant-b", "etl")].acked == "1-0"
+
+
+# -- one instance, memory backend --------------------------------------------------------
+async def consumer_ws(hub: RunningHub, name: str, token: str = ALICE,
+                      **extra: Any) -> tuple[websockets.ClientConnection, dict[str, Any]]:
+    ws = await connected(hub.ws_url, token)
+    await send_json(ws, {"action": "subscribe", "event_types": TYPES, "consumer": name,
+                         **extra})
+    reply = await recv_type(ws, "subscription_updated")
+    return ws, reply["data"]
+
+
+async def next_event(ws: websockets.ClientConnection) -> dict[str, Any]:
+    while True:
+        message = await recv_json(ws)
+        if "id" in message:
+            return message
+
+
+async def cursor(hub: RunningHub, name: str, user: str = "alice") -> str | None:
+    for row in await hub.hub.consumers.listing():
+        if row["name"] == name and row["user_id"] == user:
+            return str(row["acked_id"])
+    return None
+
+
+def stored(hub: RunningHub, name: str, user: str = "alice") -> str | None:
+    """The cursor in a memory hub's store (no await: for wait_until)."""
+    record = hub.hub.consumers.store._records.get(Owner(user, None).field(name))
+    return None if record is None else str(record.acked)
+
+
+async def test_reconnect_gets_every_event_after_the_last_ack(memory_hub: RunningHub) -> None:
+    ws, data = await consumer_ws(memory_hub, "etl")
+    assert data["consumer"]["name"] == "etl"
+    await recv_type(ws, "resumed")
+    ids = [(await memory_hub.publish("threat_detected", threat(n))).id for n in range(6)]
+    got = [(await next_event(ws))["id"] for _ in range(6)]
+    assert got == ids
+    await send_json(ws, {"action": "ack", "id": ids[2]})
+    await send_json(ws, {"action": "ack", "id": ids[1]})  # older: ignored
+    await send_json(ws, {"action": "ping"})
+    await recv_type(ws, "pong")  # both acks handled
+    await wait_until(lambda: stored(memory_hub, "etl") == ids[2])
+    await ws.close()
+    later = [(await memory_hub.publish("threat_detected", threat(n))).id for n in range(6, 9)]
+    assert await cursor(memory_hub, "etl") == ids[2]
+
+    ws, data = await consumer_ws(memory_hub, "etl")
+    assert data["consumer"] == {"name": "etl", "acked_id": ids[2]}
+    replayed = [(await next_event(ws))["id"] for _ in range(6)]
+    assert replayed == ids[3:] + later  # the un-acked tail again, then what was missed
+    resumed = await recv_type(ws, "resumed")
+    assert resumed["data"]["last_event_id"] == ids[2]
+    live = (await memory_hub.publish("threat_detected", threat(9))).id
+    assert (await next_event(ws))["id"] == live
+    await ws.close()
+
+
+async def test_ack_errors(memory_hub: RunningHub) -> None:
+    plain = await connected(memory_hub.ws_url, ALICE)
+    await send_json(plain, {"action": "ack", "id": "1-0"})
+    assert (await recv_type(plain, "error"))["data"]["code"] == ErrorCode.NOT_A_CONSUMER
+    await plain.close()
+
+    ws, _ = await consumer_ws(memory_hub, "etl")
+    await recv_type(ws, "resumed")
+    sent = (await memory_hub.publish("threat_detected", threat(1))).id
+    assert (await next_event(ws))["id"] == sent
+    ms, _seq = sent.split("-")
+    ahead = f"{int(ms) + 1000}-0"
+    await send_json(ws, {"action": "ack", "id": ahead})
+    error = await recv_type(ws, "error")
+    assert error["data"]["code"] == ErrorCode.UNKNOWN_ACK_ID
+    await send_json(ws, {"action": "ack", "id": "nope"})
+    assert (await recv_type(ws, "error"))["data"]["code"] == ErrorCode.INVALID_ACK
+    await send_json(ws, {"action": "subscribe", "event_types": TYPES, "consumer": "other"})
+    assert (await recv_type(ws, "error"))["data"]["code"] == ErrorCode.CONSUMER_CONFLICT
+    # The connection is fine, and the bad ack moved nothing.
+    await send_json(ws, {"action": "ack", "id": sent})
+    await wait_until(lambda: stored(memory_hub, "etl") == sent)
+    await ws.close()
+
+
+async def test_cursors_are_per_user(memory_hub: RunningHub) -> None:
+    ws, _ = await consumer_ws(memory_hub, "etl")
+    await recv_type(ws, "resumed")
+    first = (await memory_hub.publish("threat_detected", threat(1))).id
+    await next_event(ws)
+    await send_json(ws, {"action": "ack", "id": first})
+    await wait_until(lambda: stored(memory_hub, "etl") == first)
+    second = (await memory_hub.publish("threat_detected", threat(2))).id
+    # Bob's "etl" is his own: it starts from now, not at alice's cursor...
+    bob, data = await consumer_ws(memory_hub, "etl", make_token("bob"))
+    assert data["consumer"]["acked_id"] == second
+    await recv_type(bob, "resumed")
+    third = (await memory_hub.publish("threat_detected", threat(3))).id
+    assert (await next_event(bob))["id"] == third
+    await send_json(bob, {"action": "ack", "id": third})
+    await wait_until(lambda: stored(memory_hub, "etl", "bob") == third)
+    # ... and his acks move only his.
+    assert stored(memory_hub, "etl") == first
+    assert await cursor(memory_hub, "etl", "bob") == third
+    await ws.close()
+    await bob.close()
+
+
+async def test_too_many_consumers_is_refused() -> None:
+    async with run_hub(make_settings(consumer_max_per_user=1)) as hub:
+        ws, _ = await consumer_ws(hub, "one")
+        other = await connected(hub.ws_url, ALICE)
+        await send_json(other, {"action": "subscribe", "event_types": TYPES,
+                                "consumer": "two"})
+        error = await recv_type(other, "error")
+        assert error["data"]["code"] == ErrorCode.TOO_MANY_CONSUMERS
+        await ws.close()
+        await other.close()
+
+
+async def test_behind_more_than_max_lag_is_told_what_it_lost() -> None:
+    settings = make_settings(history_size=5, consumer_max_lag=8, replay_window=0)
+    async with run_hub(settings) as hub:
+        ws, _ = await consumer_ws(hub, "slow")
+        await recv_type(ws, "resumed")
+        first = (await hub.publish("threat_detected", threat(0))).id
+        await next_event(ws)
+        await send_json(ws, {"action": "ack", "id": first})
+        await wait_until(lambda: stored(hub, "slow") == first)
+        await ws.close()
+        # Retention is max(HUB_HISTORY_SIZE, HUB_CONSUMER_MAX_LAG): 8 behind loses nothing.
+        within = [(await hub.publish("threat_detected", threat(n))).id for n in range(1, 9)]
+        ws, data = await consumer_ws(hub, "slow")
+        assert data["consumer"]["acked_id"] == first
+        assert [(await next_event(ws))["id"] for _ in range(8)] == within
+        assert (await recv_type(ws, "resumed"))["data"]["truncated"] is False
+        await ws.close()
+        # 12 behind: the first 4 are gone, and the consumer is told which.
+        beyond = [(await hub.publish("threat_detected", threat(n))).id for n in range(9, 13)]
+        ws, _ = await consumer_ws(hub, "slow")
+        notice = await recv_type(ws, "history_truncated")
+        assert notice["data"]["consumer"] == "slow"
+        assert notice["data"]["last_event_id"] == first
+        assert notice["data"]["first_retained_id"] == within[4]
+        assert [(await next_event(ws))["id"] for _ in range(8)] == within[4:] + beyond
+        await ws.close()
+
+
+async def test_admin_listing_and_metrics(memory_hub: RunningHub) -> None:
+    ws, _ = await consumer_ws(memory_hub, "etl")
+    await recv_type(ws, "resumed")
+    ids = [(await memory_hub.publish("threat_detected", threat(n))).id for n in range(4)]
+    for _ in ids:
+        await next_event(ws)
+    await send_json(ws, {"action": "ack", "id": ids[0]})
+    await wait_until(lambda: stored(memory_hub, "etl") == ids[0])
+    async with httpx.AsyncClient(base_url=memory_hub.url) as client:
+        denied = await client.get("/consumers", headers={"Authorization": f"Bearer {ALICE}"})
+        assert denied.status_code == 403
+        assert (await client.get("/consumers")).status_code == 401
+        listed = await client.get("/consumers", headers={"Authorization": f"Bearer {ADMIN}"})
+        metrics = (await client.get("/metrics")).text
+    assert listed.status_code == 200
+    (row,) = listed.json()["consumers"]
+    assert row["user_id"] == "alice" and row["name"] == "etl" and row["acked_id"] == ids[0]
+    assert row["lag_events"] == 3 and row["lag_exact"] is True
+    assert row["connections_here"] == 1
+    assert 'hub_consumer_lag_events{consumer="etl"} 3.0' in metrics
+    assert "hub_consumer_lag_events_max 3.0" in metrics
+    assert "hub_consumers 1.0" in metrics
+    await ws.close()
+
+
+async def test_socketio_consumer_acks_and_resumes(memory_hub: RunningHub) -> None:
+    sio = SioClient()
+    await sio.connect(memory_hub.url, auth={"token": ALICE, "consumer": "dash-etl",
+                                            "event_types": TYPES})
+    await sio.next_other("resumed")
+    ids = [(await memory_hub.publish("threat_detected", threat(n))).id for n in range(4)]
+    assert [(await sio.next_event())["id"] for _ in ids] == ids
+    reply = await sio.call("ack", {"id": ids[1]})
+    assert reply == {"consumer": {"name": "dash-etl", "acked_id": ids[1]}}
+    bad = await sio.call("ack", "not-an-id")
+    assert bad["error"]["code"] == ErrorCode.INVALID_ACK
+    await wait_until(lambda: stored(memory_hub, "dash-etl") == ids[1])
+    await sio.close()
+    later = (await memory_hub.publish("threat_detected", threat(4))).id
+
+    again = SioClient()
+    await again.connect(memory_hub.url, auth={"token": ALICE, "event_types": TYPES})
+    ack = await again.call("subscribe", {"event_types": TYPES, "consumer": "dash-etl"})
+    assert ack["consumer"] == {"name": "dash-etl", "acked_id": ids[1]}
+    assert ack["replayed"] == 3
+    assert [(await again.next_event())["id"] for _ in range(3)] == [*ids[2:], later]
+    await again.close()
+
+
+async def test_socketio_bad_consumer_is_refused_at_connect(memory_hub: RunningHub) -> None:
+    sio = SioClient()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await sio.connect(memory_hub.url, auth={"token": ALICE, "consumer": "a b"})
+    refusal = await asyncio.wait_for(sio.connect_error, 10)
+    assert refusal["data"]["code"] == ErrorCode.INVALID_CONSUMER
+
+
+async def test_client_acks_only_what_the_caller_handled(memory_hub: RunningHub) -> None:
+    from hub.client import subscribe
+
+    async def pipeline(count: int, fail: bool = False) -> list[str]:
+        handled: list[str] = []
+        async with subscribe(memory_hub.url, ALICE, types=TYPES, consumer="etl",
+                             filter={"min_severity": "high"}) as events:
+            async for event in events:
+                if fail:
+                    raise RuntimeError(f"the pipeline's code failed on {event.id}")
+                handled.append(event.id)
+                if len(handled) == count:
+                    break
+        return handled
+
+    first = asyncio.create_task(pipeline(3))
+    await wait_until(lambda: stored(memory_hub, "etl") is not None)
+    ids = []
+    for n in range(6):
+        event = await memory_hub.publish("threat_detected",
+                                         threat(n, "high" if n % 2 == 0 else "low"))
+        if n % 2 == 0:
+            ids.append(event.id)
+    assert await asyncio.wait_for(first, 10) == ids  # filtered on the server
+    # The last one was handled, but the loop left before asking for the next: not acked.
+    await wait_until(lambda: stored(memory_hub, "etl") == ids[1])
+    ids.append((await memory_hub.publish("threat_detected", threat(7, "critical"))).id)
+
+    # A run whose code fails acknowledges nothing of what it failed on...
+    with pytest.raises(RuntimeError, match=ids[2]):
+        await asyncio.wait_for(pipeline(1, fail=True), 10)
+    # ... so the next run gets it again (at least once), then what followed.
+    assert await asyncio.wait_for(pipeline(2), 10) == ids[2:]
