@@ -5,6 +5,12 @@ consumer gets every event after its last ack (at least once), then live ones."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,10 +23,14 @@ from hub.consumers import MemoryCursors, Owner, check_name
 from hub.errors import ErrorCode, ProtocolError
 from hub.protocol import Action, parse_client_message
 from tests.conftest import (
+    SECRET,
+    RedisServer,
     RunningHub,
     make_settings,
     make_token,
     run_hub,
+    start_hub_process,
+    stop_process,
 )
 from tests.helpers import THREAT, connected, recv_json, recv_type, send_json, wait_until
 from tests.sio_helpers import SioClient
@@ -328,3 +338,99 @@ async def test_client_acks_only_what_the_caller_handled(memory_hub: RunningHub) 
         await asyncio.wait_for(pipeline(1, fail=True), 10)
     # ... so the next run gets it again (at least once), then what followed.
     assert await asyncio.wait_for(pipeline(2), 10) == ids[2:]
+
+
+# -- the proof: two `hub serve` instances on Redis, a pipeline killed mid-stream ---------
+def _tail_ids(path: Path) -> list[str]:
+    """The ids a `hub tail --json` printed (a line cut short by the kill is not one)."""
+    ids = []
+    for line in path.read_text().splitlines():
+        try:
+            ids.append(str(orjson.loads(line)["id"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def _key(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
+async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its_ack(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    unique = uuid.uuid4().hex[:8]
+    stream = f"hub:test:{unique}"
+    env = {"JWT_SECRET": SECRET, "REDIS_URL": redis_server.url, "HUB_STREAM_KEY": stream,
+           "HUB_SOCKETIO_CHANNEL": f"socketio-{unique}",
+           "HUB_LEGACY_CHANNEL": f"koreshield:events:{unique}",
+           "HUB_JOURNAL_DIR": str(tmp_path / "journal"), "HUB_SHUTDOWN_TIMEOUT_S": "2"}
+    a, b = await asyncio.gather(
+        asyncio.to_thread(start_hub_process, {**env, "HUB_INSTANCE_ID": f"a-{unique}"},
+                          tmp_path=tmp_path),
+        asyncio.to_thread(start_hub_process, {**env, "HUB_INSTANCE_ID": f"b-{unique}"},
+                          tmp_path=tmp_path))
+    redis = redis_server.client()
+    field = Owner("alice", None).field("etl")
+
+    def pipeline(run: int) -> tuple[subprocess.Popen[bytes], Path]:
+        out = tmp_path / f"pipeline-{run}.out"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hub", "tail", "--url", b.url, "--consumer", "etl",
+             "--min-severity", "high", "--types", "threat_detected", "--json"],
+            env={**os.environ, "HUB_TOKEN": ALICE}, stdout=out.open("wb"),
+            stderr=(tmp_path / f"pipeline-{run}.err").open("wb"))
+        return process, out
+
+    high: list[str] = []  # what the consumer must get: high threats, in publish order
+
+    async def publish(total: int) -> None:
+        async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
+            for n in range(total):
+                severity = "high" if n % 2 == 0 else "low"
+                response = await client.post(
+                    "/events", json={"type": "threat_detected", "data": threat(n, severity)},
+                    headers={"Authorization": f"Bearer {ADMIN}"})
+                assert response.status_code == 202, response.text
+                if severity == "high":
+                    high.append(response.json()["id"])
+                await asyncio.sleep(0.005)  # a steady stream (pacing, not synchronisation)
+
+    first, out1 = pipeline(1)
+    second = None
+    try:
+        await wait_until(lambda: redis.hexists(f"{stream}:consumers", field), 20,
+                         "the consumer's cursor in Redis")
+        publisher = asyncio.create_task(publish(500))
+        await wait_until(lambda: len(_tail_ids(out1)) >= 60, 30, "the first run's events")
+        os.kill(first.pid, signal.SIGKILL)  # mid-stream: no goodbye, no last ack
+        first.wait()
+        at_kill = len(high)
+        # An instance restarts meanwhile: the one the pipeline was on.
+        await asyncio.to_thread(stop_process, b.process)
+        b = await asyncio.to_thread(start_hub_process, {**env, "HUB_INSTANCE_ID": f"b-{unique}"},
+                                    tmp_path=tmp_path, port=b.port)
+        acked = orjson.loads(redis.hget(f"{stream}:consumers", field) or b"{}")["acked"]
+        at_restart = len(high)
+        second, out2 = pipeline(2)
+        await publisher
+        await wait_until(lambda: high[-1] in _tail_ids(out2), 30, "the second run's last event")
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        for hub in (a, b):
+            stop_process(hub.process)
+    ids1, ids2 = _tail_ids(out1), _tail_ids(out2)
+    assert at_kill < len(high) and at_restart > at_kill  # killed mid-stream, events flowed
+    assert ids1 == high[:len(ids1)]  # the first run: in order, nothing skipped
+    assert acked in ids1 and high.index(acked) >= 30  # its acks reached Redis as it went
+    after = [i for i in high if _key(i) > _key(acked)]
+    # Every event after the last ack, in order, once within the run, then live ones.
+    assert ids2 == after
+    assert set(high) - set(ids1) - set(ids2) == set()  # lost: none
+    duplicates = set(ids1) & set(ids2)
+    # Duplicates only for the un-acked tail of the first run (at least once).
+    assert all(_key(i) > _key(acked) for i in duplicates)
+    assert len(duplicates) == len(ids1) - high.index(acked) - 1
