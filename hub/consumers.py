@@ -516,6 +516,18 @@ class Consumers:
             metrics.consumer_lag.labels(name).set(lag)
 
 
+def unbind_after_failed_resume(sub: Subscriber) -> ProtocolError | None:
+    """A consumer's replay failed (history unreachable): unbind the connection, so that
+    acks of the live events it goes on getting cannot move the cursor past the events the
+    replay did not send. The error to tell the client (None: not a consumer)."""
+    cursor, sub.consumer = sub.consumer, None
+    if cursor is None:
+        return None
+    return ProtocolError(f"the replay of consumer {cursor.name!r} failed, so this connection "
+                         "is no longer bound to it; reconnect and subscribe again",
+                         code=ErrorCode.CONSUMER_UNAVAILABLE)
+
+
 def store_for(settings: Settings, redis: Any) -> CursorStore:
     """Redis when the backend has a client, else memory."""
     if redis is None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ import orjson
 import pytest
 import socketio
 import websockets
+from redis import asyncio as aioredis
 
-from hub.consumers import MemoryCursors, Owner, check_name
+from hub.consumers import CursorStore, MemoryCursors, Owner, RedisCursors, check_name
 from hub.errors import ErrorCode, ProtocolError
 from hub.protocol import Action, parse_client_message
 from tests.conftest import (
@@ -78,9 +80,19 @@ def test_names_up_to_64_characters() -> None:
     assert check_name("a" * 64) == "a" * 64
 
 
-# -- the memory store --------------------------------------------------------------------
-async def test_memory_store_bounds_scopes_and_monotonic_acks() -> None:
-    store = MemoryCursors()
+# -- the stores ----------------------------------------------------------------------------
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_server: RedisServer
+                ) -> AsyncIterator[CursorStore]:
+    if request.param == "memory":
+        yield MemoryCursors()
+        return
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield RedisCursors(client, f"hub:test:{uuid.uuid4().hex[:8]}:consumers")
+    await client.aclose()
+
+
+async def test_store_bounds_scopes_and_monotonic_acks(store: CursorStore) -> None:
     alice, bob = Owner("alice", None), Owner("alice", "tenant-b")
     first = await store.register(alice, "etl", "5-0", max_total=3, max_per_owner=2)
     assert first.acked == "5-0"
@@ -98,9 +110,15 @@ async def test_memory_store_bounds_scopes_and_monotonic_acks() -> None:
     await store.ack(alice, "etl", "7-2")
     await store.ack(alice, "etl", "6-9")  # older: ignored
     await store.ack(alice, "etl", "7-2")
+    await store.ack(alice, "etl", "7-10")  # (ms, seq) compare as numbers, not text
+    await store.ack(alice, "etl", "7-9")
+    await store.ack(bob, "gone", "3-0")  # vanished (Redis lost its data): re-created there
     records = {(r.tenant, r.name): r for r in await store.listing()}
-    assert records[(None, "etl")].acked == "7-2"
+    assert records[(None, "etl")].acked == "7-10"
+    assert records[(None, "etl")].acked_at is not None
     assert records[("tenant-b", "etl")].acked == "1-0"
+    assert records[("tenant-b", "gone")].acked == "3-0"
+    assert records[(None, "etl")].user_id == "alice"
 
 
 # -- one instance, memory backend --------------------------------------------------------
@@ -434,3 +452,14 @@ async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its
     # Duplicates only for the un-acked tail of the first run (at least once).
     assert all(_key(i) > _key(acked) for i in duplicates)
     assert len(duplicates) == len(ids1) - high.index(acked) - 1
+
+
+def test_tail_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from hub.cli import build_parser
+
+    args = build_parser().parse_args(["tail", "--consumer", "etl", "--min-severity", "high"])
+    assert args.consumer == "etl" and args.min_severity == "high"
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["tail", "--consumer", "a b"])
+    assert exited.value.code == 2
+    assert "--consumer: consumer must be a name" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from hub.connection import (
     TokenLifetime,
     count_slow,
 )
-from hub.consumers import Record
+from hub.consumers import Record, unbind_after_failed_resume
 from hub.dispatch.filters import EventFilter, parse_filter
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import Event
@@ -684,7 +684,14 @@ class SocketIOTransport:
             if conn.consumer is not None:
                 ack["consumer"] = conn.consumer.describe()
             if start is not None:
-                result = await self._resume(conn, start)
+                try:
+                    result = await self._resume(conn, start)
+                except ProtocolError:
+                    if consumer is not None and unbind_after_failed_resume(conn) is not None:
+                        raise ProtocolError(
+                            f"the replay of consumer {consumer!r} failed; not bound to it, "
+                            "subscribe again", code=ErrorCode.CONSUMER_UNAVAILABLE) from None
+                    raise
                 ack.update(replayed=result["replayed"], truncated=result["truncated"],
                            first_retained_id=result["first_retained_id"])
         except ProtocolError as exc:
@@ -749,6 +756,9 @@ class SocketIOTransport:
             info = await self._resume(conn, last_event_id)
         except ProtocolError as exc:
             conn.end_replay()
+            unbound = unbind_after_failed_resume(conn)
+            if unbound is not None:
+                conn.send_error(unbound)
             conn.send_error(exc)
             return
         conn.send_control("resumed", info)

@@ -29,6 +29,7 @@ from hub.connection import (
     TokenLifetime,
     count_slow,
 )
+from hub.consumers import unbind_after_failed_resume
 from hub.dispatch.filters import parse_filter
 from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
@@ -135,6 +136,10 @@ def _resumed(conn: PlainConnection, task: asyncio.Task[Any]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
+    if exc is not None:
+        unbound = unbind_after_failed_resume(conn)
+        if unbound is not None:
+            conn.send_error(unbound)
     if isinstance(exc, ProtocolError):
         conn.send_error(exc)
     elif exc is not None:
