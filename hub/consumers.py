@@ -50,6 +50,7 @@ MAX_NAME = 64
 WRITE_RETRY_S = 1.0
 # GET /metrics labels lag by consumer name for at most this many names (the laggiest).
 METRIC_NAMES = 20
+METRICS_READ_S = 1.0
 
 
 def check_name(value: object) -> str:
@@ -499,10 +500,11 @@ class Consumers:
         return rows
 
     async def update_metrics(self) -> None:
-        """Set the consumer gauges (called at each scrape of /metrics)."""
+        """Set the consumer gauges (called at each scrape of /metrics): a scrape waits at
+        most METRICS_READ_S for the store (a frozen Redis must not stall it)."""
         try:
-            rows = await self.listing()
-        except BackendUnavailable:
+            rows = await asyncio.wait_for(self.listing(), METRICS_READ_S)
+        except (BackendUnavailable, TimeoutError):
             return  # the last values stay; the scrape still answers
         metrics = self.metrics
         metrics.consumers.set(len(rows))
