@@ -419,6 +419,11 @@ class Consumers:
     def attach(self, sub: Subscriber, record: Record) -> str:
         """Bind ``sub`` to ``record``'s consumer; return where its replay starts."""
         sub.consumer = ConsumerCursor(self, record.owner, record.name, record.acked)
+        # What went out live before the binding (a consumer named on a later subscribe)
+        # is not the consumer's: forget it, so the replay sends it again in order, and an
+        # ack of it is refused until the replay has sent it. Acks are cumulative, so the
+        # events a consumer is sent must reach it in id order from its cursor on.
+        sub.last_sent = (0, 0)
         return record.acked
 
     def ack(self, sub: Subscriber, event_id: object) -> ConsumerCursor:

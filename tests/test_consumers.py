@@ -463,3 +463,21 @@ def test_tail_flags(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args(["tail", "--consumer", "a b"])
     assert exited.value.code == 2
     assert "--consumer: consumer must be a name" in capsys.readouterr().err
+
+
+async def test_binding_late_replays_in_order_from_the_cursor(memory_hub: RunningHub) -> None:
+    ws = await connected(memory_hub.ws_url, ALICE)
+    await send_json(ws, {"action": "subscribe", "event_types": TYPES})  # live from here
+    await recv_type(ws, "subscription_updated")
+    start = (await memory_hub.publish("threat_detected", threat(0))).id
+    live = [(await memory_hub.publish("threat_detected", threat(n))).id for n in (1, 2)]
+    assert [(await next_event(ws))["id"] for _ in range(3)] == [start, *live]
+    # Bound now, at an older id: what went out live before is not the consumer's, so it
+    # comes again in id order (acks are cumulative).
+    await send_json(ws, {"action": "subscribe", "event_types": TYPES, "consumer": "late",
+                         "last_event_id": start})
+    reply = await recv_type(ws, "subscription_updated")
+    assert reply["data"]["consumer"] == {"name": "late", "acked_id": start}
+    assert [(await next_event(ws))["id"] for _ in range(2)] == live
+    assert (await recv_type(ws, "resumed"))["data"]["replayed"] == 2
+    await ws.close()
