@@ -419,8 +419,8 @@ async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its
     try:
         await wait_until(lambda: redis.hexists(f"{stream}:consumers", field), 20,
                          "the consumer's cursor in Redis")
-        publisher = asyncio.create_task(publish(500))
-        await wait_until(lambda: len(_tail_ids(out1)) >= 60, 30, "the first run's events")
+        publisher = asyncio.create_task(publish(300))
+        await wait_until(lambda: len(_tail_ids(out1)) >= 40, 30, "the first run's events")
         os.kill(first.pid, signal.SIGKILL)  # mid-stream: no goodbye, no last ack
         first.wait()
         at_kill = len(high)
@@ -443,7 +443,7 @@ async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its
     ids1, ids2 = _tail_ids(out1), _tail_ids(out2)
     assert at_kill < len(high) and at_restart > at_kill  # killed mid-stream, events flowed
     assert ids1 == high[:len(ids1)]  # the first run: in order, nothing skipped
-    assert acked in ids1 and high.index(acked) >= 30  # its acks reached Redis as it went
+    assert acked in ids1 and high.index(acked) >= 20  # its acks reached Redis as it went
     after = [i for i in high if _key(i) > _key(acked)]
     # Every event after the last ack, in order, once within the run, then live ones.
     assert ids2 == after
