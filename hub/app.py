@@ -310,7 +310,7 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
         Route("/admin/reload", hub.http.admin_reload, methods=["POST"]),
         Route("/admin/revocations", hub.http.revocations, methods=["GET", "POST"]),
         Route("/admin/connections", hub.http.connections, methods=["GET"]),
-        Route("/consumers", hub.http.consumers, methods=["GET"]),
+        Route("/consumers", hub.http.consumers, methods=["GET", "DELETE"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),
     ]
     static = resources.files("hub") / "static" / "dashboard"

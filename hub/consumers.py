@@ -150,6 +150,10 @@ class CursorStore(abc.ABC):
     async def listing(self) -> list[Record]:
         """Every consumer (at most HUB_CONSUMER_MAX_TOTAL of them)."""
 
+    @abc.abstractmethod
+    async def delete(self, owner: Owner, name: str) -> bool:
+        """Forget a consumer; False if there was none."""
+
 
 def _too_many(total: bool, bound: int) -> ProtocolError:
     which = ("the hub keeps" if total else "this user has")
@@ -193,6 +197,14 @@ class MemoryCursors(CursorStore):
 
     async def listing(self) -> list[Record]:
         return list(self._records.values())
+
+    async def delete(self, owner: Owner, name: str) -> bool:
+        if self._records.pop(owner.field(name), None) is None:
+            return False
+        self._per_owner[owner] -= 1
+        if self._per_owner[owner] <= 0:
+            del self._per_owner[owner]
+        return True
 
 
 # Single-key scripts (KEYS[1]: the hash): atomic on one Redis, and on a Redis Cluster
@@ -301,6 +313,14 @@ class RedisCursors(CursorStore):
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 records.append(Record.from_json(raw))
         return records
+
+    async def delete(self, owner: Owner, name: str) -> bool:
+        from redis.exceptions import RedisError
+
+        try:
+            return bool(await self.redis.hdel(self.key, owner.field(name)))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"redis unavailable: {exc}") from exc
 
 
 class ConsumerCursor:

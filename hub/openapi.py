@@ -238,6 +238,38 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                                                "unavailable; `consumer_unavailable`)",
                                 "content": {"application/json": {"schema": error}}},
                     },
+                },
+                "delete": {
+                    "summary": "Forget a durable consumer (a connection still bound to it "
+                               "creates it again at its next ack)",
+                    "operationId": "deleteConsumer",
+                    "security": [{"bearer": []}],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["user_id", "name"],
+                                   "properties": {
+                                       "user_id": {"type": "string"},
+                                       "tenant_id": {"type": ["string", "null"]},
+                                       "name": {"type": "string"}}}}}},
+                    "responses": {
+                        "200": {"description": "Deleted",
+                                "content": {"application/json": {"schema": {
+                                    "type": "object", "properties": {
+                                        "deleted": {"type": "boolean"},
+                                        "user_id": {"type": "string"},
+                                        "tenant_id": {"type": ["string", "null"]},
+                                        "name": {"type": "string"}}}}}},
+                        "401": {"description": "Missing, invalid or revoked bearer token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token's role is not in HUB_ADMIN_ROLES",
+                                "content": {"application/json": {"schema": error}}},
+                        "404": {"description": "No such consumer (`unknown_consumer`)",
+                                "content": {"application/json": {"schema": error}}},
+                        "422": {"description": "Malformed body (`invalid_consumer`, "
+                                               "`not_an_object`)",
+                                "content": {"application/json": {"schema": error}}},
+                        "503": {"description": "Redis unavailable (`consumer_unavailable`)",
+                                "content": {"application/json": {"schema": error}}},
+                    },
                 }
             },
             "/metrics": {

@@ -119,6 +119,11 @@ async def test_store_bounds_scopes_and_monotonic_acks(store: CursorStore) -> Non
     assert records[("tenant-b", "etl")].acked == "1-0"
     assert records[("tenant-b", "gone")].acked == "3-0"
     assert records[(None, "etl")].user_id == "alice"
+    # Deleting one frees its place under the bounds.
+    assert await store.delete(alice, "second") is True
+    assert await store.delete(alice, "second") is False
+    third = await store.register(alice, "third", "8-0", max_total=9, max_per_owner=2)
+    assert third.acked == "8-0"
 
 
 # -- one instance, memory backend --------------------------------------------------------
@@ -289,6 +294,20 @@ async def test_admin_listing_and_metrics(memory_hub: RunningHub) -> None:
     assert "hub_consumer_lag_events_max 3.0" in metrics
     assert "hub_consumers 1.0" in metrics
     await ws.close()
+
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(base_url=memory_hub.url, headers=admin) as client:
+        bad = await client.request("DELETE", "/consumers", json={"user_id": "alice",
+                                                                 "name": "a b"})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_consumer"
+        gone = await client.request("DELETE", "/consumers", json={"user_id": "alice",
+                                                                  "name": "etl"})
+        assert gone.status_code == 200 and gone.json()["deleted"] is True
+        again = await client.request("DELETE", "/consumers", json={"user_id": "alice",
+                                                                   "name": "etl"})
+        assert again.status_code == 404
+        assert again.json()["error"]["code"] == ErrorCode.UNKNOWN_CONSUMER
+        assert (await client.get("/consumers")).json()["consumers"] == []
 
 
 async def test_socketio_consumer_acks_and_resumes(memory_hub: RunningHub) -> None:
