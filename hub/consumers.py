@@ -369,6 +369,10 @@ class ConsumerCursor:
                     self._pending = event_id
                 self._consumers.write_failed(self.name, exc)
                 await asyncio.sleep(WRITE_RETRY_S)
+            except Exception:
+                # A bug, not an outage: say so loudly; the next ack starts a new write.
+                log.exception("storing the ack of consumer %r failed", self.name)
+                return
             else:
                 self._consumers.metrics.consumer_acks.inc()
 
@@ -483,6 +487,7 @@ class Consumers:
         _done, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if pending:
             log.warning("stopping with %d consumer ack(s) not stored; those events will "
                         "be delivered again", len(pending))
