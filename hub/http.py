@@ -283,7 +283,7 @@ class HttpApi:
                                   headers={"Retry-After": "1"})
         settings = hub.settings
         return JSONResponse({"consumers": rows, "count": len(rows),
-                             "max_lag": settings.consumer_max_lag,
+                             "max_lag": settings.consumer_lag_bound,
                              "max_per_user": settings.consumer_max_per_user,
                              "max_total": settings.consumer_max_total},
                             headers={"cache-control": "no-store"})
