@@ -500,3 +500,25 @@ async def test_binding_late_replays_in_order_from_the_cursor(memory_hub: Running
     assert [(await next_event(ws))["id"] for _ in range(2)] == live
     assert (await recv_type(ws, "resumed"))["data"]["replayed"] == 2
     await ws.close()
+
+
+async def test_cursor_is_shared_by_every_instance(
+        redis_hubs: tuple[RunningHub, RunningHub]) -> None:
+    a, b = redis_hubs
+    ws, _ = await consumer_ws(a, "shared")
+    await recv_type(ws, "resumed")
+    ids = [(await a.publish("threat_detected", threat(n))).id for n in range(4)]
+    assert [(await next_event(ws))["id"] for _ in ids] == ids
+    await send_json(ws, {"action": "ack", "id": ids[1]})
+    await send_json(ws, {"action": "ping"})
+    await recv_type(ws, "pong")
+    await ws.close()
+    # The other instance finds the cursor in Redis and resumes after it.
+    deadline = asyncio.get_running_loop().time() + 10
+    while await cursor(b, "shared") != ids[1]:  # the ack's write is asynchronous
+        assert asyncio.get_running_loop().time() < deadline, "the ack never reached Redis"
+        await asyncio.sleep(0.01)
+    ws, data = await consumer_ws(b, "shared")
+    assert data["consumer"]["acked_id"] == ids[1]
+    assert [(await next_event(ws))["id"] for _ in range(2)] == ids[2:]
+    await ws.close()
