@@ -420,10 +420,15 @@ async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its
         return process, out
 
     high: list[str] = []  # what the consumer must get: high threats, in publish order
+    killed = asyncio.Event()
 
     async def publish(total: int) -> None:
         async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
             for n in range(total):
+                if n == total // 2:
+                    # However slow the machine, the kill comes mid-stream: the rest is
+                    # published after it, during the instance's restart and after.
+                    await killed.wait()
                 severity = "high" if n % 2 == 0 else "low"
                 response = await client.post(
                     "/events", json={"type": "threat_detected", "data": threat(n, severity)},
@@ -443,6 +448,7 @@ async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its
         os.kill(first.pid, signal.SIGKILL)  # mid-stream: no goodbye, no last ack
         first.wait()
         at_kill = len(high)
+        killed.set()
         # An instance restarts meanwhile: the one the pipeline was on.
         await asyncio.to_thread(stop_process, b.process)
         b = await asyncio.to_thread(start_hub_process, {**env, "HUB_INSTANCE_ID": f"b-{unique}"},
