@@ -26,6 +26,7 @@ from hub._version import __version__
 from hub.auth import OriginPolicy, TokenVerifier
 from hub.config import Settings
 from hub.connection import Subscriber
+from hub.consumers import Consumers, store_for
 from hub.dispatch import Backend, Dispatcher
 from hub.dispatch.memory import MemoryBackend
 from hub.errors import BackendUnavailable, CloseCode, ErrorCode
@@ -83,6 +84,9 @@ class Hub:
             replay_window=min(settings.replay_window, settings.history_size),
         )
         backend = self.dispatcher.backend
+        # Durable consumers' cursors (hub.consumers): in Redis with the Redis backend.
+        self.consumers = Consumers(settings, store_for(settings, getattr(backend, "redis", None)),
+                                   self.dispatcher, self.metrics)
         self.idempotency = IdempotencyKeys(getattr(backend, "redis", None),
                                            settings.stream_key + ":idem:")
         self.websocket = PlainTransport(self)
@@ -105,7 +109,7 @@ class Hub:
 
     def _backend(self, settings: Settings, redis: aioredis.Redis | None) -> Backend:
         if redis is None and settings.redis_url is None:
-            return MemoryBackend(settings.history_size)
+            return MemoryBackend(settings.retained_events)
         from hub.dispatch.redis import RedisBackend, journal_for, open_redis
 
         owns = redis is None
@@ -113,7 +117,7 @@ class Hub:
             settings.redis_url or "", settings.redis_max_connections)
         return RedisBackend(
             client, owns_client=owns, stream_key=settings.stream_key,
-            history_size=settings.history_size,
+            history_size=settings.retained_events,
             legacy_channel=settings.legacy_channel,
             legacy_parser=self._parse_legacy,
             instance_id=settings.instance_id,
@@ -188,6 +192,7 @@ class Hub:
         backend_drain = getattr(self.dispatcher.backend, "drain", None)
         if backend_drain is not None:
             await backend_drain(self.settings.shutdown_timeout_s)
+        await self.consumers.stop(self.settings.shutdown_timeout_s)
         await close_manager(self.sio_manager)
         await self.revocations.stop()
         await self.registry.stop()
@@ -305,6 +310,7 @@ def create_app(settings: Settings | None = None, redis: aioredis.Redis | None = 
         Route("/admin/reload", hub.http.admin_reload, methods=["POST"]),
         Route("/admin/revocations", hub.http.revocations, methods=["GET", "POST"]),
         Route("/admin/connections", hub.http.connections, methods=["GET"]),
+        Route("/consumers", hub.http.consumers, methods=["GET", "DELETE"]),
         Mount("/socket.io", app=hub.socketio.asgi_app),
     ]
     static = resources.files("hub") / "static" / "dashboard"

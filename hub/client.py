@@ -66,7 +66,12 @@ log = logging.getLogger("hub.client")
 WS_PATH = "/ws/events"
 # Errors from the hub that retrying cannot fix: the subscription itself is wrong.
 _FATAL_ERRORS = frozenset({ErrorCode.UNKNOWN_EVENT_TYPE, ErrorCode.INVALID_EVENT_TYPES,
-                           ErrorCode.TOO_MANY_EVENT_TYPES, ErrorCode.INVALID_LAST_EVENT_ID})
+                           ErrorCode.TOO_MANY_EVENT_TYPES, ErrorCode.INVALID_LAST_EVENT_ID,
+                           ErrorCode.INVALID_FILTER, ErrorCode.INVALID_CONSUMER,
+                           ErrorCode.TOO_MANY_CONSUMERS, ErrorCode.CONSUMER_CONFLICT})
+# A consumer's acks go out at most this often (each one covers every event before it):
+# well under the hub's message rate limit, however fast events are handled.
+ACK_INTERVAL_S = 0.1
 
 
 class NoticeKind(enum.Enum):
@@ -132,10 +137,20 @@ class Subscription:
                  last_event_id: str | None = None, retry_for: float | None = None,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  on_notice: Callable[[Notice], None] | None = None,
-                 open_timeout: float = 10.0) -> None:
+                 open_timeout: float = 10.0, consumer: str | None = None,
+                 filter: Mapping[str, Any] | None = None,
+                 ack_interval: float = ACK_INTERVAL_S) -> None:
         self.url = events_url(url)
         self.types = list(types) if types is not None else None
         self.last_event_id = last_event_id
+        self.consumer = consumer
+        self.filter = dict(filter) if filter is not None else None
+        # A consumer's acks: the newest handled id not sent yet, when the last went out,
+        # and the task that sends a pending one once the interval has passed.
+        self._ack_interval = ack_interval
+        self._unacked: str | None = None
+        self._acked_at = 0.0
+        self._ack_task: asyncio.Task[None] | None = None
         self.instance_id: str | None = None
         self._token = token
         self._retry_for = retry_for
@@ -161,6 +176,8 @@ class Subscription:
         """Stop: close the connection; the iterator ends."""
         self._closed = True
         if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._send_ack(self._ws)  # what was handled, before going
             await self._ws.close()
         # From inside the consumer's loop the generator is suspended and can be closed now;
         # from another task it is running, and ends by itself once the socket has closed.
@@ -215,6 +232,12 @@ class Subscription:
             finally:
                 self._ws = None
                 self._expiring = None
+                # Acks belong to a connection (the hub takes only ids it sent on it); what
+                # was handled but not acknowledged comes again and is acknowledged then.
+                self._unacked = None
+                if self._ack_task is not None:
+                    self._ack_task.cancel()
+                    self._ack_task = None
                 if self._retry is not None:
                     self._retry.cancel()
                     self._retry = None
@@ -254,10 +277,16 @@ class Subscription:
                 event = Event(id=str(message["id"]), type=str(kind),
                               timestamp=str(message.get("timestamp", "")), data=data)
                 if event.id in self._recent:
+                    if self.consumer is not None:
+                        await self._handled(ws, event.id)  # handled before a reconnect
                     continue
                 self._recent.append(event.id)
                 self.last_event_id = event.id
                 yield event
+                # Back here: the caller asked for the next event, so it has handled this
+                # one (an exception or a crash in its code never gets here: re-delivered).
+                if self.consumer is not None:
+                    await self._handled(ws, event.id)
             elif kind == "connection_established":
                 self._backoff.reset()
                 self.instance_id = data.get("instance_id")
@@ -298,6 +327,13 @@ class Subscription:
                 text = str(data.get("message", ""))
                 if code in _FATAL_ERRORS:
                     raise SubscriptionRefused(text, code=code)
+                if code == ErrorCode.CONSUMER_UNAVAILABLE:
+                    # Not bound to the consumer: without its cursor, events would be
+                    # taken from the wrong place. Reconnect (with backoff) and bind again.
+                    self._notice(NoticeKind.ERROR, f"hub error {code}: {text}; reconnecting",
+                                 data)
+                    await ws.close()
+                    return
                 self._notice(NoticeKind.ERROR, f"hub error {code}: {text}", data)
 
     def _retry_refresh(self, ws: ClientConnection, notice: dict[str, Any]) -> None:
@@ -329,22 +365,52 @@ class Subscription:
             return
         await ws.send(orjson.dumps({"action": "refresh", "token": token}).decode())
 
+    async def _handled(self, ws: ClientConnection, event_id: str) -> None:
+        """The caller has handled ``event_id``: acknowledge it now, or with the next ack
+        within the interval (an ack covers every event before it)."""
+        self._unacked = event_id
+        wait = self._acked_at + self._ack_interval - time.monotonic()
+        if wait <= 0:
+            await self._send_ack(ws)
+        elif self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.get_running_loop().create_task(self._ack_later(ws, wait))
+
+    async def _ack_later(self, ws: ClientConnection, wait: float) -> None:
+        await asyncio.sleep(wait)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_ack(ws)
+
+    async def _send_ack(self, ws: ClientConnection) -> None:
+        event_id, self._unacked = self._unacked, None
+        if event_id is None:
+            return
+        self._acked_at = time.monotonic()
+        await ws.send(orjson.dumps({"action": "ack", "id": event_id}).decode())
+
     async def _subscribe(self, ws: ClientConnection, all_types: list[str]) -> None:
-        if self.types is None and self.last_event_id is None:
+        if (self.types is None and self.last_event_id is None and self.consumer is None
+                and self.filter is None):
             return  # no subscribe message: the spec's default, every type
         message: dict[str, Any] = {
             "action": "subscribe",
             "event_types": self.types if self.types is not None else all_types,
         }
         if self.last_event_id is not None:
+            # (For a consumer, only where a new one starts: the hub's cursor wins.)
             message["last_event_id"] = self.last_event_id
+        if self.consumer is not None:
+            message["consumer"] = self.consumer
+        if self.filter is not None:
+            message["filter"] = self.filter
         await ws.send(orjson.dumps(message).decode())
 
 
 def subscribe(url: str, token: TokenSource, *, types: Iterable[str] | None = None,
               last_event_id: str | None = None, retry_for: float | None = None,
               on_notice: Callable[[Notice], None] | None = None,
-              backoff_base: float = 0.5, backoff_cap: float = 30.0) -> Subscription:
+              backoff_base: float = 0.5, backoff_cap: float = 30.0,
+              consumer: str | None = None,
+              filter: Mapping[str, Any] | None = None) -> Subscription:
     """Stream events from the hub at ``url`` (``http://host:port``), for ever.
 
     ``types``: the event types to receive (default: all). ``last_event_id``: start with
@@ -354,10 +420,19 @@ def subscribe(url: str, token: TokenSource, *, types: Iterable[str] | None = Non
     truncated history and refresh. Raises :class:`AuthenticationFailed` when the token is
     refused. ``token`` may be a source (a callable, e.g. :func:`token_file`): then the
     client refreshes in-band when told ``token_expiring``.
+
+    ``filter``: a server-side filter (``{"min_severity": "high", "provider": [...]}``).
+    ``consumer``: a durable consumer's name: the hub keeps its cursor, and each event is
+    acknowledged once the caller's code has handled it (when it asks for the next one;
+    acks are sent at most every 0.1 s, each covering the events before it). After a
+    crash of this process, a disconnect or a hub restart, the consumer gets every event
+    after its last acknowledged one (at least once: the un-acknowledged tail may come
+    again); ``last_event_id`` then only says where a new consumer starts.
     """
     return Subscription(url, token, types=types, last_event_id=last_event_id,
                         retry_for=retry_for, on_notice=on_notice,
-                        backoff_base=backoff_base, backoff_cap=backoff_cap)
+                        backoff_base=backoff_base, backoff_cap=backoff_cap,
+                        consumer=consumer, filter=filter)
 
 
 def _describe(code: int | None, reason: str) -> str:

@@ -134,6 +134,13 @@ class Settings:
     # How often each instance stores a snapshot of its connections in Redis for
     # GET /admin/connections (hub/registry.py).
     connections_registry_s: float = 5.0
+    # -- durable consumers (README "Durable consumers") -----------------------------------
+    # Retention keeps at least this many events (the larger of it and HUB_HISTORY_SIZE),
+    # so a consumer this far behind its last ack loses nothing; further, it is told.
+    # 0: HUB_HISTORY_SIZE (retention as without consumers).
+    consumer_max_lag: int = 0
+    consumer_max_per_user: int = 16
+    consumer_max_total: int = 1_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_key: bool = True,
@@ -162,6 +169,18 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+    @property
+    def consumer_lag_bound(self) -> int:
+        """HUB_CONSUMER_MAX_LAG in effect: how far behind its last ack a consumer may fall
+        and lose nothing."""
+        return self.consumer_max_lag or self.history_size
+
+    @property
+    def retained_events(self) -> int:
+        """How many events the history keeps: HUB_HISTORY_SIZE, or HUB_CONSUMER_MAX_LAG
+        when larger (what a consumer has not acknowledged is kept up to that bound)."""
+        return max(self.history_size, self.consumer_lag_bound)
 
     @property
     def backend(self) -> str:
@@ -292,7 +311,8 @@ class Settings:
                      "max_connections_per_user", "refusal_limit",
                      "history_concurrency", "redis_max_connections", "max_header_bytes",
                      "max_headers", "max_pending_connections", "max_pending_per_address",
-                     "journal_max_events", "sse_heartbeat_s", "sse_retry_ms"):
+                     "journal_max_events", "sse_heartbeat_s", "sse_retry_ms",
+                     "consumer_max_per_user", "consumer_max_total"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number")
         for name in ("ping_interval_s", "ping_timeout_s", "socketio_unbound_limit",
@@ -314,6 +334,8 @@ class Settings:
                      "ping_timeout_s", "max_token_lifetime_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number of seconds")
+        if self.consumer_max_lag < 0:
+            raise ConfigError("HUB_CONSUMER_MAX_LAG must not be negative (0: HUB_HISTORY_SIZE)")
         if self.connections_registry_s <= 0:
             raise ConfigError("HUB_CONNECTIONS_REGISTRY_S must be a positive number of seconds")
         if self.token_expiring_lead_s < 0:

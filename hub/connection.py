@@ -36,6 +36,7 @@ from hub.transports.frames import Sink, write_queued
 if TYPE_CHECKING:
     from hub.auth import OriginPolicy, TokenVerifier
     from hub.config import Settings
+    from hub.consumers import ConsumerCursor, Consumers
     from hub.dispatch.dispatcher import Dispatcher
     from hub.dispatch.filters import EventFilter
     from hub.limits import ConnectionLimits
@@ -54,6 +55,7 @@ class Services(Protocol):
     limits: ConnectionLimits
     refusals: RefusalTracker
     dispatcher: Dispatcher
+    consumers: Consumers
 
 
 class ConnState(enum.Enum):
@@ -367,6 +369,9 @@ class Subscriber(abc.ABC):
         # A server-side filter (hub.dispatch.filters): narrows what the types and the
         # tenant let through, for live events and replays alike. None: no filter.
         self.filter: EventFilter | None = None
+        # A durable consumer this connection is bound to (hub.consumers): its cursor and
+        # acks. None: a plain subscription.
+        self.consumer: ConsumerCursor | None = None
         self.state = SubscriberState.LIVE
         self._held: list[Event] = []
         self.held_overflow = False  # held events were dropped: the replay must re-read
@@ -515,12 +520,19 @@ class Subscriber(abc.ABC):
         self.send_control("error", {"code": exc.code, "message": exc.message})
 
     def notify_truncated(self, last_event_id: str, first_retained: str | None) -> None:
-        """Tell the client that events after ``last_event_id`` are no longer retained."""
-        self.send_control("history_truncated", {
+        """Tell the client that events after ``last_event_id`` are no longer retained
+        (a consumer: that it fell further behind than retention keeps, and what it lost)."""
+        data: dict[str, Any] = {
             "last_event_id": last_event_id, "first_retained_id": first_retained,
             "message": "events after last_event_id were no longer retained; "
                        "the replay starts at first_retained_id",
-        })
+        }
+        if self.consumer is not None:
+            data["consumer"] = self.consumer.name
+            data["message"] = ("consumer fell behind by more than retention keeps "
+                               "(HUB_CONSUMER_MAX_LAG): the events after last_event_id and "
+                               "before first_retained_id are lost to it")
+        self.send_control("history_truncated", data)
 
     @abc.abstractmethod
     def send_control(self, name: str, data: dict[str, Any]) -> None:

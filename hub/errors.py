@@ -66,6 +66,15 @@ class ErrorCode(enum.StrEnum):
     INVALID_FILTER = "invalid_filter"
     INVALID_PARAMETER = "invalid_parameter"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    # durable consumers (hub.consumers)
+    INVALID_CONSUMER = "invalid_consumer"  # a consumer name that is not 1-64 of [A-Za-z0-9_.:-]
+    TOO_MANY_CONSUMERS = "too_many_consumers"  # HUB_CONSUMER_MAX_PER_USER / _MAX_TOTAL
+    CONSUMER_UNAVAILABLE = "consumer_unavailable"  # its cursor could not be read or stored
+    UNKNOWN_CONSUMER = "unknown_consumer"  # DELETE /consumers: no such consumer
+    CONSUMER_CONFLICT = "consumer_conflict"  # the connection is bound to another consumer
+    NOT_A_CONSUMER = "not_a_consumer"  # an ack on a connection without a consumer
+    INVALID_ACK = "invalid_ack"  # an ack whose id is not an event id
+    UNKNOWN_ACK_ID = "unknown_ack_id"  # an ack of an id after the last one sent
     # publishing and requests
     EVENT_TOO_LARGE = "event_too_large"
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"

@@ -23,6 +23,7 @@ from hub.auth import (
     token_from_headers,
 )
 from hub.config import Settings
+from hub.consumers import Consumers, Owner, check_name
 from hub.dispatch import Dispatcher
 from hub.dispatch.filters import parse_types, split_params
 from hub.dispatch.query import read_history
@@ -50,6 +51,7 @@ class HttpServices(Protocol):
     started_at: float | None
     revocations: Revocations
     registry: ConnectionRegistry
+    consumers: Consumers
 
     def connection_counts(self) -> dict[str, int]: ...
 
@@ -264,9 +266,64 @@ class HttpApi:
             return admin
         return JSONResponse(await self.services.registry.listing())
 
+    async def consumers(self, request: Request) -> JSONResponse:
+        """``GET /consumers``: every durable consumer, its cursor and lag (hub/consumers.py);
+        ``DELETE`` forgets one."""
+        admin = await self._admin(request)
+        if isinstance(admin, JSONResponse):
+            return admin
+        hub = self.services
+        if request.method == "DELETE":
+            return await self._delete_consumer(request)
+        try:
+            rows = await hub.consumers.listing(hub.registry.local_connections())
+        except BackendUnavailable:
+            return error_response(503, ErrorCode.CONSUMER_UNAVAILABLE,
+                                  "the consumers' cursors cannot be read right now",
+                                  headers={"Retry-After": "1"})
+        settings = hub.settings
+        return JSONResponse({"consumers": rows, "count": len(rows),
+                             "max_lag": settings.consumer_lag_bound,
+                             "max_per_user": settings.consumer_max_per_user,
+                             "max_total": settings.consumer_max_total},
+                            headers={"cache-control": "no-store"})
+
+    async def _delete_consumer(self, request: Request) -> JSONResponse:
+        """``DELETE /consumers`` with ``{user_id, tenant_id?, name}``: forget a consumer."""
+        body = await request.body()
+        if len(body) > 4096:
+            return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return error_response(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
+        if not isinstance(payload, dict):
+            return error_response(422, ErrorCode.NOT_AN_OBJECT, "body must be a JSON object")
+        user, tenant = payload.get("user_id"), payload.get("tenant_id")
+        if not isinstance(user, str) or not user or not (tenant is None
+                                                          or isinstance(tenant, str)):
+            return error_response(422, ErrorCode.INVALID_CONSUMER,
+                                  "give user_id (and tenant_id, if the user has one)",
+                                  field="user_id")
+        try:
+            name = check_name(payload.get("name"))
+        except ProtocolError as exc:
+            return error_response(422, exc.code, exc.message, field="name")
+        try:
+            deleted = await self.services.consumers.store.delete(Owner(user, tenant), name)
+        except BackendUnavailable:
+            return error_response(503, ErrorCode.CONSUMER_UNAVAILABLE,
+                                  "the consumers' cursors cannot be changed right now",
+                                  headers={"Retry-After": "1"})
+        if not deleted:
+            return error_response(404, ErrorCode.UNKNOWN_CONSUMER, "no such consumer")
+        return JSONResponse({"deleted": True, "user_id": user, "tenant_id": tenant,
+                             "name": name})
+
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        await self.services.consumers.update_metrics()
         return Response(self.services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> JSONResponse:

@@ -92,6 +92,28 @@ class Metrics:
         self.jwks_fetches = Counter(
             "hub_jwks_fetches", "JWT_JWKS_URL fetches by result: ok, failed (cached keys stay)",
             ["result"], registry=r)
+        # Durable consumers (hub.consumers), set at each scrape from the cursor store. Lag
+        # counts the events after a consumer's cursor (of every type), as far as this
+        # instance's replay window tells (beyond it: at least the window's size).
+        self.consumers = Gauge(
+            "hub_consumers", "Durable consumers kept (GET /consumers)", registry=r,
+            multiprocess_mode="max")
+        self.consumer_lag = Gauge(
+            "hub_consumer_lag_events", "Events after the cursor of the consumers of this "
+            "name (the largest over their users), for the 20 names that lag most",
+            ["consumer"], registry=r, multiprocess_mode="max")
+        self.consumer_lag_max = Gauge(
+            "hub_consumer_lag_events_max", "Events after the cursor of the consumer that "
+            "lags most", registry=r, multiprocess_mode="max")
+        self.consumer_lag_seconds_max = Gauge(
+            "hub_consumer_lag_seconds_max", "Seconds between the cursor of the consumer that "
+            "lags most and the newest event", registry=r, multiprocess_mode="max")
+        self.consumer_acks = Counter(
+            "hub_consumer_acks_stored", "Consumer cursor writes (acks, coalesced per "
+            "connection) stored", registry=r)
+        self.consumer_write_failures = Counter(
+            "hub_consumer_write_failures", "Consumer cursor writes that failed (retried)",
+            registry=r)
         for transport in ("websocket", "socketio"):
             # Export zeros from the start, so dashboards show 0 rather than "no data".
             self.connections.labels(transport)

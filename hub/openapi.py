@@ -214,6 +214,64 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                     },
                 }
             },
+            "/consumers": {
+                "get": {
+                    "summary": "Durable consumers: each one's cursor (last acknowledged id) "
+                               "and lag",
+                    "description": "A durable consumer is named on a subscribe "
+                                   "(`\"consumer\": NAME` on /ws/events, `auth.consumer` or "
+                                   "the `subscribe` event on Socket.IO) and moved by acks "
+                                   "(`{\"action\": \"ack\", \"id\": ID}`, the Socket.IO "
+                                   "`ack` event); see README \"Durable consumers\".",
+                    "operationId": "listConsumers",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {"description": "Every consumer (at most "
+                                               "HUB_CONSUMER_MAX_TOTAL)",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/Consumers"}}}},
+                        "401": {"description": "Missing, invalid or revoked bearer token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token's role is not in HUB_ADMIN_ROLES",
+                                "content": {"application/json": {"schema": error}}},
+                        "503": {"description": "The cursors cannot be read (Redis "
+                                               "unavailable; `consumer_unavailable`)",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                },
+                "delete": {
+                    "summary": "Forget a durable consumer (a connection still bound to it "
+                               "creates it again at its next ack)",
+                    "operationId": "deleteConsumer",
+                    "security": [{"bearer": []}],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["user_id", "name"],
+                                   "properties": {
+                                       "user_id": {"type": "string"},
+                                       "tenant_id": {"type": ["string", "null"]},
+                                       "name": {"type": "string"}}}}}},
+                    "responses": {
+                        "200": {"description": "Deleted",
+                                "content": {"application/json": {"schema": {
+                                    "type": "object", "properties": {
+                                        "deleted": {"type": "boolean"},
+                                        "user_id": {"type": "string"},
+                                        "tenant_id": {"type": ["string", "null"]},
+                                        "name": {"type": "string"}}}}}},
+                        "401": {"description": "Missing, invalid or revoked bearer token",
+                                "content": {"application/json": {"schema": error}}},
+                        "403": {"description": "Token's role is not in HUB_ADMIN_ROLES",
+                                "content": {"application/json": {"schema": error}}},
+                        "404": {"description": "No such consumer (`unknown_consumer`)",
+                                "content": {"application/json": {"schema": error}}},
+                        "422": {"description": "Malformed body (`invalid_consumer`, "
+                                               "`not_an_object`)",
+                                "content": {"application/json": {"schema": error}}},
+                        "503": {"description": "Redis unavailable (`consumer_unavailable`)",
+                                "content": {"application/json": {"schema": error}}},
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
@@ -330,6 +388,40 @@ def openapi_document(version: str, event_types: tuple[str, ...]) -> dict[str, An
                                 "total": {"type": "integer"}, "listed": {"type": "integer"},
                                 "as_of": {"type": "number"}}}},
                         "problems": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "Consumers": {
+                    "type": "object",
+                    "required": ["consumers", "count", "max_lag", "max_per_user",
+                                 "max_total"],
+                    "properties": {
+                        "consumers": {"type": "array", "items": {
+                            "type": "object",
+                            "properties": {
+                                "user_id": {"type": "string"},
+                                "tenant_id": {"type": ["string", "null"]},
+                                "name": {"type": "string"},
+                                "acked_id": {"type": "string", "description":
+                                             "the last acknowledged id: the consumer "
+                                             "resumes after it"},
+                                "created": {"type": "number"},
+                                "acked_at": {"type": ["number", "null"]},
+                                "lag_events": {"type": "integer", "description":
+                                               "events after the cursor (every type)"},
+                                "lag_exact": {"type": "boolean", "description":
+                                              "false: the cursor is older than this "
+                                              "instance's replay window, lag_events is a "
+                                              "lower bound"},
+                                "lag_s": {"type": "number"},
+                                "connections_here": {"type": "integer", "description":
+                                                     "connections bound to it on the "
+                                                     "instance that answered"},
+                            }}},
+                        "count": {"type": "integer"},
+                        "max_lag": {"type": "integer",
+                                    "description": "HUB_CONSUMER_MAX_LAG"},
+                        "max_per_user": {"type": "integer"},
+                        "max_total": {"type": "integer"},
                     },
                 },
                 "Health": {

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from hub.consumers import check_ack_id, check_name
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import now_timestamp
 
@@ -22,6 +23,7 @@ class Action(enum.Enum):
     UNSUBSCRIBE = "unsubscribe"
     PING = "ping"
     REFRESH = "refresh"  # {"action": "refresh", "token": "<jwt>"} -> token_refreshed
+    ACK = "ack"  # {"action": "ack", "id": "<event id>"}: a durable consumer's cursor moves
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,9 @@ class ClientMessage:
     has_filter: bool = False
     filter: Any = None
     token: str | None = None  # for REFRESH
+    # A subscribe's "consumer" (a checked name), or an ACK's event id.
+    consumer: str | None = None
+    event_id: str | None = None
 
 
 def parse_client_message(text: str) -> ClientMessage:
@@ -58,12 +63,16 @@ def parse_client_message(text: str) -> ClientMessage:
             raise ProtocolError("refresh needs a token (a non-empty string)",
                                 code=ErrorCode.MISSING_TOKEN)
         return ClientMessage(action, token=token)
+    if action is Action.ACK:
+        return ClientMessage(action, event_id=check_ack_id(message.get("id")))
     if "event_types" not in message:
         raise ProtocolError(f"{action.value} needs an event_types list",
                             code=ErrorCode.INVALID_EVENT_TYPES)
+    consumer = message.get("consumer") if action is Action.SUBSCRIBE else None
     return ClientMessage(action, message["event_types"], message.get("last_event_id"),
                          action is Action.SUBSCRIBE and "filter" in message,
-                         message.get("filter"))
+                         message.get("filter"),
+                         consumer=None if consumer is None else check_name(consumer))
 
 
 def server_message(type_: str, data: dict[str, Any] | None = None) -> str:

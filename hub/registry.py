@@ -56,6 +56,10 @@ class ConnectionRegistry:
         self._interval = settings.connections_registry_s
         self._task: asyncio.Task[None] | None = None
 
+    def local_connections(self) -> Iterable[Subscriber]:
+        """This instance's open connections, of every transport."""
+        return self._connections()
+
     def local(self) -> tuple[list[dict[str, Any]], int]:
         """This instance's connections (at most MAX_LISTED) and how many there are."""
         instance = self._settings.instance_id

@@ -16,7 +16,8 @@ from typing import Any, NoReturn, TextIO
 import orjson
 
 from hub.client import Notice, NoticeKind, TokenSource, subscribe, token_file
-from hub.errors import AuthenticationFailed, ConnectionLost, SubscriptionRefused
+from hub.consumers import check_name
+from hub.errors import AuthenticationFailed, ConnectionLost, ProtocolError, SubscriptionRefused
 from hub.events import Event, is_event_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -144,6 +145,13 @@ def _parse_since(value: str) -> str:
     return value
 
 
+def _parse_consumer(value: str) -> str:
+    try:
+        return check_name(value)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(f"--consumer: {exc.message}") from None
+
+
 def add_parser(subparsers: Any) -> None:
     """Add the ``tail`` sub-command to ``hub``'s argument parser."""
     tail = subparsers.add_parser(
@@ -158,6 +166,14 @@ def add_parser(subparsers: Any) -> None:
                       help="comma-separated event types (default: all)")
     tail.add_argument("--since", type=_parse_since, metavar="ID",
                       help="first show the retained events after this event id")
+    tail.add_argument("--consumer", metavar="NAME", type=_parse_consumer,
+                      help="a durable consumer: the hub keeps its cursor; each event is "
+                           "acknowledged once printed, and a restarted tail goes on after "
+                           "the last one acknowledged")
+    tail.add_argument("--min-severity", metavar="LEVEL",
+                      help="server-side filter: events of at least this severity "
+                           "(threats low|medium|high|critical, alerts "
+                           "info|warning|error|critical)")
     tail.add_argument("--json", action="store_true",
                       help="one JSON envelope per line on stdout (for jq)")
     tail.add_argument("--color", choices=["auto", "always", "never"], default="auto",
@@ -218,8 +234,10 @@ async def _tail(args: argparse.Namespace, token: TokenSource) -> None:
             text = f"{DIM}{text}{RESET}"
         print(text, file=sys.stderr, flush=True)
 
+    flt = {"min_severity": args.min_severity} if args.min_severity else None
     async with subscribe(args.url, token, types=args.types, last_event_id=args.since,
-                         retry_for=args.retry_for, on_notice=on_notice) as events:
+                         retry_for=args.retry_for, on_notice=on_notice,
+                         consumer=args.consumer, filter=flt) as events:
         async for event in events:
             line = json_line(event.envelope()) if args.json else format_line(event, colour)
             out.write(line + "\n")

@@ -121,7 +121,8 @@ async def test_openapi_documents_http_endpoints_only(memory_hub: RunningHub) -> 
         document = (await http.get(f"{memory_hub.url}/openapi.json")).json()
     validate(document)
     assert set(document["paths"]) == {"/events", "/events/stream", "/ws/health", "/metrics",
-                                     "/admin/reload", "/admin/revocations", "/admin/connections"}
+                                     "/admin/reload", "/admin/revocations", "/admin/connections",
+                                     "/consumers"}
     assert set(document["paths"]["/events"]) == {"get", "post"}
     assert "/ws/events" not in document["paths"]
     assert "/socket.io/" not in document["paths"]

@@ -85,6 +85,11 @@ class Dispatcher:
         # History pages being read or read lately: after-id → (when issued, the read).
         self._pages: dict[tuple[str, int], tuple[float, asyncio.Task[History]]] = {}
 
+    @property
+    def last_delivered(self) -> tuple[int, int]:
+        """The key of the newest event this instance delivered ((0, 0): none yet)."""
+        return self._last_delivered
+
     async def start(self) -> None:
         await self.backend.start(self._deliver, self._batch)
 

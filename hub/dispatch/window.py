@@ -86,3 +86,13 @@ class ReplayWindow:
         only when :meth:`covers` says so)."""
         first = bisect.bisect_right(self._keys, after, lo=self._start)
         return self._events[first:first + limit]
+
+    def count_after(self, after: tuple[int, int]) -> tuple[int, bool]:
+        """How many delivered events have an id greater than ``after``, and whether that
+        is exact (False: ``after`` is older than the window, so at least that many)."""
+        keys = self._keys
+        if len(keys) <= self._start:
+            return 0, False
+        if after < keys[self._start]:
+            return len(self), False
+        return len(keys) - bisect.bisect_right(keys, after, lo=self._start), True

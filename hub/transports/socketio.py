@@ -30,6 +30,7 @@ from hub.connection import (
     TokenLifetime,
     count_slow,
 )
+from hub.consumers import Record, unbind_after_failed_resume
 from hub.dispatch.filters import EventFilter, parse_filter
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import Event
@@ -283,11 +284,13 @@ class SocketIOTransport:
         self._buckets: dict[str, TokenBucket] = {}
         self._pending: dict[str, tuple[Principal, list[str] | None, Any]] = {}
         self._filters: dict[str, EventFilter] = {}  # a pending connection's filter (auth)
+        self._consumer_records: dict[str, Record] = {}  # a pending one's consumer (auth)
         self.sio.on("connect", self._connect)
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("subscribe", self._subscribe)
         self.sio.on("unsubscribe", self._unsubscribe)
         self.sio.on("refresh", self._refresh)
+        self.sio.on("ack", self._ack)
         self._engineio_app = socketio.ASGIApp(self.sio, socketio_path=None)
         # The WebSocket carrying each Engine.IO session that engine.io accepted on one
         # (from the start, or once an upgrade's UPGRADE packet arrived), for direct frame
@@ -516,12 +519,26 @@ class SocketIOTransport:
         except ProtocolError as exc:
             raise socketio.exceptions.ConnectionRefusedError(
                 exc.message, {"code": exc.code}) from None
+        last_event_id = auth.get("last_event_id")
+        record = None
+        if auth.get("consumer") is not None:
+            # A durable consumer: its cursor, read (or created) before the connect is
+            # accepted, is where this connection resumes.
+            try:
+                record = await hub.consumers.register(principal, auth["consumer"],
+                                                      last_event_id)
+            except ProtocolError as exc:
+                raise socketio.exceptions.ConnectionRefusedError(
+                    exc.message, {"code": exc.code}) from None
+            last_event_id = record.acked
         refusal = hub.limits.acquire(principal.user_id)
         if refusal is not None:
             self._close_after_refusal(sid)
             raise socketio.exceptions.ConnectionRefusedError(
                 refusal, {"code": CloseCode.TRY_AGAIN_LATER})
-        self._pending[sid] = (principal, types, auth.get("last_event_id"))
+        self._pending[sid] = (principal, types, last_event_id)
+        if record is not None:
+            self._consumer_records[sid] = record
         if flt is not None:
             self._filters[sid] = flt
 
@@ -535,6 +552,9 @@ class SocketIOTransport:
         self._bound(eio_sid)
         conn = SocketIOConnection(self, sid, eio_sid, principal)
         conn.filter = self._filters.pop(sid, None)
+        record = self._consumer_records.pop(sid, None)
+        if record is not None:
+            self.hub.consumers.attach(conn, record)
         conn._try_attach()  # connected over a WebSocket from the start (or upgraded already)
         self.connections[sid] = conn
         self._by_eio[eio_sid] = conn
@@ -564,6 +584,7 @@ class SocketIOTransport:
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
         pending = self._pending.pop(sid, None)
         self._filters.pop(sid, None)
+        self._consumer_records.pop(sid, None)
         if pending is not None:
             self.hub.limits.release(pending[0].user_id)
             return
@@ -648,11 +669,29 @@ class SocketIOTransport:
                                     code=ErrorCode.NOT_AN_OBJECT)
             types = dispatcher.check_types(payload.get("event_types"))
             flt = parse_filter(payload["filter"]) if "filter" in payload else conn.filter
+            start = payload.get("last_event_id")
+            consumer = payload.get("consumer")
+            if consumer is not None:
+                consumers = self.hub.consumers
+                start = None
+                if not consumers.check_bindable(conn, consumer):
+                    record = await consumers.register(conn.principal, consumer,
+                                                      payload.get("last_event_id"))
+                    start = consumers.attach(conn, record)
             dispatcher.subscribe(conn, types)
             conn.filter = flt
             ack: dict[str, Any] = dispatcher.subscription_reply(conn, types)
-            if payload.get("last_event_id") is not None:
-                result = await self._resume(conn, payload["last_event_id"])
+            if conn.consumer is not None:
+                ack["consumer"] = conn.consumer.describe()
+            if start is not None:
+                try:
+                    result = await self._resume(conn, start)
+                except ProtocolError:
+                    if consumer is not None and unbind_after_failed_resume(conn) is not None:
+                        raise ProtocolError(
+                            f"the replay of consumer {consumer!r} failed; not bound to it, "
+                            "subscribe again", code=ErrorCode.CONSUMER_UNAVAILABLE) from None
+                    raise
                 ack.update(replayed=result["replayed"], truncated=result["truncated"],
                            first_retained_id=result["first_retained_id"])
         except ProtocolError as exc:
@@ -693,6 +732,21 @@ class SocketIOTransport:
             conn.first_message_seen()
         return conn.lifetime.refreshed_message()
 
+    async def _ack(self, sid: str, data: Any = None) -> dict[str, Any]:
+        """``ack`` with ``{id}`` (or the id as a string): a durable consumer's cursor moves
+        to it; the ack answers ``{consumer: {name, acked_id}}`` or an ``error``."""
+        conn = self.connections.get(sid)
+        if conn is None:
+            return _error(ProtocolError("not connected", code=ErrorCode.NOT_CONNECTED))
+        event_id = data.get("id") if isinstance(data, dict) else data
+        try:
+            cursor = self.hub.consumers.ack(conn, event_id)
+        except ProtocolError as exc:
+            return _error(exc)
+        finally:
+            conn.first_message_seen()
+        return {"consumer": cursor.describe()}
+
     async def _resume(self, conn: SocketIOConnection, last_event_id: Any) -> dict[str, Any]:
         return (await self.hub.dispatcher.resume(conn, last_event_id)).message()
 
@@ -702,6 +756,9 @@ class SocketIOTransport:
             info = await self._resume(conn, last_event_id)
         except ProtocolError as exc:
             conn.end_replay()
+            unbound = unbind_after_failed_resume(conn)
+            if unbound is not None:
+                conn.send_error(unbound)
             conn.send_error(exc)
             return
         conn.send_control("resumed", info)

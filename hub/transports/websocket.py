@@ -29,6 +29,7 @@ from hub.connection import (
     TokenLifetime,
     count_slow,
 )
+from hub.consumers import unbind_after_failed_resume
 from hub.dispatch.filters import parse_filter
 from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
@@ -135,6 +136,10 @@ def _resumed(conn: PlainConnection, task: asyncio.Task[Any]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
+    if exc is not None:
+        unbound = unbind_after_failed_resume(conn)
+        if unbound is not None:
+            conn.send_error(unbound)
     if isinstance(exc, ProtocolError):
         conn.send_error(exc)
     elif exc is not None:
@@ -297,16 +302,36 @@ class PlainTransport:
         if message.action is Action.REFRESH:
             self._refresh(conn, message.token)
             return
+        if message.action is Action.ACK:
+            # No reply: acks are cumulative and frequent; only a bad one gets an error.
+            self.hub.consumers.ack(conn, message.event_id)
+            return
         types = dispatcher.check_types(message.event_types)
+        start: str | None = None
         if message.action is Action.SUBSCRIBE:
             # Checked before anything changes: a malformed filter changes nothing.
             flt = parse_filter(message.filter) if message.has_filter else conn.filter
+            if message.consumer is not None:
+                consumers = self.hub.consumers
+                if not consumers.check_bindable(conn, message.consumer):
+                    record = await consumers.register(conn.principal, message.consumer,
+                                                      message.last_event_id)
+                    # (The read loop waits meanwhile: nothing else changes the connection.)
+                    start = consumers.attach(conn, record)
             dispatcher.subscribe(conn, types)
             conn.filter = flt
         else:
             dispatcher.unsubscribe(conn, types)
-        conn.send_control("subscription_updated", dispatcher.subscription_reply(conn, types))
-        if message.action is Action.SUBSCRIBE and message.last_event_id is not None:
+        reply = dispatcher.subscription_reply(conn, types)
+        if conn.consumer is not None:
+            reply["consumer"] = conn.consumer.describe()
+        conn.send_control("subscription_updated", reply)
+        if start is not None:
+            # A consumer resumes from its cursor (its last_event_id only chose where a new
+            # one starts).
+            self._resume(conn, start)
+        elif (message.action is Action.SUBSCRIBE and message.last_event_id is not None
+              and message.consumer is None):
             self._resume(conn, message.last_event_id)
 
     def _refresh(self, conn: PlainConnection, token: str | None) -> None:
