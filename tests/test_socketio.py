@@ -140,7 +140,7 @@ async def test_tenant_isolation_over_socketio() -> None:
 
 async def test_token_expiry_disconnects(memory_hub: RunningHub) -> None:
     client = SioClient()
-    await client.connect(memory_hub.url, auth={"token": make_token(ttl=1)})
+    await client.connect(memory_hub.url, auth={"token": make_token(ttl=3)})
     import asyncio
 
     await asyncio.wait_for(client.disconnected.wait(), 15)

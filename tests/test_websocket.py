@@ -206,7 +206,7 @@ async def test_message_flood_closes_with_1008() -> None:
 
 
 async def test_token_expiry_closes_open_connection_with_4003(memory_hub: RunningHub) -> None:
-    ws = await connected(memory_hub.ws_url, make_token(ttl=1))
+    ws = await connected(memory_hub.ws_url, make_token(ttl=3))
     assert await close_code(ws, timeout=15) == (4003, "token expired")
 
 
