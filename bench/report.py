@@ -11,7 +11,7 @@ def _f(v: Any, fmt: str = "{:.0f}") -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines: list[str] = []
-    delivery = [r for r in results if r["scenario"] != "capacity"]
+    delivery = [r for r in results if r["scenario"] not in ("capacity", "multicore")]
     capacity = [r for r in results if r["scenario"] == "capacity"]
     if delivery:
         head: tuple[str, ...] = (
@@ -96,7 +96,56 @@ def table(results: list[dict[str, Any]]) -> str:
                 )
             )
         lines += _grid(rows)
+    multicore = [r for r in results if r["scenario"] == "multicore"]
+    if multicore:
+        if lines:
+            lines.append("")
+        lines += multicore_table(multicore)
     return "\n".join(lines)
+
+
+def multicore_table(results: list[dict[str, Any]]) -> list[str]:
+    """One process against two: each process's share of the clients, CPU per delivery."""
+    head = (
+        "multicore",
+        "target",
+        "clients",
+        "delivered/expected",
+        "all?",
+        "clients per process %",
+        "even?",
+        "cpu µs/deliv",
+        "vs 1 process",
+        "p50 ms",
+        "p99 ms",
+        "other cpu %",
+    )
+    rows: list[tuple[str, ...]] = [head]
+    for r in results:
+        if "error" in r:
+            cells = ("", r["target"], "", r["error"][:60], "ERROR")
+            rows.append(cells + ("",) * (len(head) - len(cells)))
+            continue
+        shares = r.get("worker_share_pct") or []
+        even = r.get("spread_even")
+        rows.append(
+            (
+                r["layout"],
+                r["target"],
+                str(r["connected"]),
+                f"{r['delivered']}/{r['expected']}"
+                + (f" dup={r['duplicates']}" if r["duplicates"] else ""),
+                "yes" if r["complete"] else "NO",
+                " / ".join(f"{s:.1f}" for s in shares) or "-",
+                "-" if even is None else "yes" if even else "NO",
+                _f(r["cpu_us_per_delivery"], "{:.1f}"),
+                _f(r.get("cpu_vs_one_process"), "{:.2f}"),
+                _f(r["latency_ms"]["p50"], "{:.1f}"),
+                _f(r["latency_ms"]["p99"], "{:.1f}"),
+                _f(r.get("other_cpu_pct")),
+            )
+        )
+    return _grid(rows)
 
 
 def _grid(rows: list[tuple[str, ...]]) -> list[str]:
