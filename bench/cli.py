@@ -25,7 +25,7 @@ from bench.report import table
 from bench.scenarios import SCENARIOS, Env, Sizes
 from bench.targets import BENCH, TARGETS, hub_available, node_modules_ok
 
-DEFAULT_SCENARIOS = ["burst", "steady", "capacity", "cross", "multicore"]
+DEFAULT_SCENARIOS = ["burst", "steady", "capacity", "cross", "multicore", "revocation"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

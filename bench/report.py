@@ -11,7 +11,9 @@ def _f(v: Any, fmt: str = "{:.0f}") -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines: list[str] = []
-    delivery = [r for r in results if r["scenario"] not in ("capacity", "multicore")]
+    delivery = [
+        r for r in results if r["scenario"] not in ("capacity", "multicore", "revocation")
+    ]
     capacity = [r for r in results if r["scenario"] == "capacity"]
     if delivery:
         head: tuple[str, ...] = (
@@ -101,6 +103,13 @@ def table(results: list[dict[str, Any]]) -> str:
         if lines:
             lines.append("")
         lines += multicore_table(multicore)
+    revoked = [r for r in results if r["scenario"] == "revocation"]
+    if revoked:
+        from bench.revocation import table as revocation_table
+
+        if lines:
+            lines.append("")
+        lines += revocation_table(revoked)
     return "\n".join(lines)
 
 

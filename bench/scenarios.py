@@ -27,6 +27,7 @@ from bench.procs import (
     rss_bytes,
 )
 from bench.publishers import Publisher, event_data
+from bench.revocation import revocation
 from bench.targets import BENCH, Target
 
 SUBSCRIBE = "threat_detected"
@@ -47,10 +48,12 @@ class Sizes:
     multicore_clients: int = 1000
     multicore_rate: float = 10.0
     multicore_seconds: float = 20.0
+    revocation_connections: int = 300  # of each transport
+    revocation_rounds: int = 3
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(20, 20, 20, 5.0, 2.0, (20, 50), 20, 20, 0.5, 5000, 20, 5.0, 2.0)
+        return cls(20, 20, 20, 5.0, 2.0, (20, 50), 20, 20, 0.5, 5000, 20, 5.0, 2.0, 5, 1)
 
 
 @dataclass
@@ -396,7 +399,8 @@ async def multicore(target: Target, env: Env, sizes: Sizes) -> list[dict[str, An
             "layout": (
                 f"hub serve --workers {n}" if hub_workers
                 else "hub serve" if target.kind == "hub"
-                else f"{n} process{'es' if n > 1 else ''}, clients split by the load client"
+                else "1 process" if n == 1
+                else f"{n} processes, clients split by the load client"
             ),
             "rate_events_per_s": sizes.multicore_rate,
         }
@@ -415,4 +419,5 @@ SCENARIOS = {
     "capacity": capacity,
     "cross": cross,
     "multicore": multicore,
+    "revocation": revocation,
 }
