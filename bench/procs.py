@@ -255,3 +255,16 @@ def connections_per_process(roots: Sequence[int], port: int) -> dict[int, int]:
             if n:
                 counts[p] = n
     return counts
+
+
+def write_syscalls(pids: Sequence[int]) -> int:
+    """write()/writev() calls of the process trees so far (syscw of /proc/<pid>/io).
+
+    uvloop writes sockets with write/writev, so for a hub server this counts its socket
+    writes: deliveries per write shows how much its write coalescing joined."""
+    total = 0
+    for io in _proc_files(pids, "io"):
+        for line in io.splitlines():
+            if line.startswith("syscw:"):
+                total += int(line.split()[1])
+    return total

@@ -25,6 +25,7 @@ from bench.procs import (
     cpu_seconds,
     machine_busy_seconds,
     rss_bytes,
+    write_syscalls,
 )
 from bench.publishers import Publisher, event_data
 from bench.revocation import revocation
@@ -387,11 +388,24 @@ async def multicore(target: Target, env: Env, sizes: Sizes) -> list[dict[str, An
         t = replace(target, workers=n) if hub_workers else target
         instances = 1 if target.kind == "hub" else n
 
-        def run(servers: list[Proc], t: Target = t) -> Awaitable[dict[str, Any]]:
-            return _deliver(
+        async def run(servers: list[Proc], t: Target = t) -> dict[str, Any]:
+            writes: list[int] = []
+
+            def probe(servers: list[Proc]) -> dict[str, Any]:
+                writes.append(write_syscalls([s.pid for s in servers]))
+                return _spread(servers)
+
+            r = await _deliver(
                 t, env, servers, sizes.multicore_clients, events, sizes.multicore_rate, sizes,
-                probe=_spread,
+                probe=probe,
             )
+            # Deliveries per write: how many events each client write carried on average
+            # (more when a server fell behind and joined what queued): CPU per delivery
+            # compares fairly only between rows that joined about as much.
+            n = write_syscalls([s.pid for s in servers]) - writes[0]
+            r["write_syscalls"] = n
+            r["deliveries_per_write"] = r["delivered"] / n if n > 0 else None
+            return r
 
         r = await _with_servers(t, env, instances, f"multicore{n}-", run)
         r |= {
