@@ -7,9 +7,9 @@ WebSocket) and SSE. ``POST /admin/revocations {"user_id": …}`` goes to instanc
 connection records when it sees its end (``/ws/events``: the close frame, 4003
 ``token revoked``; Socket.IO: the server's disconnect packet after ``token_revoked``; SSE:
 the end of the stream after ``token_revoked``), measured from the moment the POST is sent.
-Then the same token must be refused at connect on B. The clients run in this process
-(asyncio), so the figures include the time this one process takes to read every close:
-they are an upper bound.
+Then the same token must be refused at connect on B. The clients of each transport run in
+their own process (asyncio); the figures include the time those processes take to read the
+closes, so they are an upper bound.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import jwt
@@ -30,6 +32,8 @@ from bench.targets import Target
 TRANSPORTS = ("ws", "sio", "sse")
 _CONNECT_BATCH = 50  # handshakes in flight at once
 _WAIT_S = 10.0  # a connection not closed by then counts as not closed
+_DISCONNECT_FRAME = b"\x81\x0241"  # FIN + text, length 2, "41": Socket.IO disconnect
+_REVOKED = b'42["token_revoked"'
 
 
 def _token(secret: str, user: str) -> str:
@@ -104,6 +108,20 @@ async def _open_sio(port: int, token: str) -> _Conn:
     reply = str(await ws.recv())
     if not reply.startswith("40"):
         raise BenchError(f"Socket.IO connect refused the bench user: {reply[:200]}")
+    # The moment the disconnect packet arrives: a server frame is unmasked, so a text frame
+    # carrying "41" is these bytes on the wire (the message loop below would see it only
+    # after the library has dealt with every frame read before it).
+    received = ws.data_received
+
+    revoked_seen = [False]
+
+    def data_received(data: bytes) -> None:
+        revoked_seen[0] = revoked_seen[0] or _REVOKED in data
+        if _DISCONNECT_FRAME in data:
+            conn.end("disconnect after token_revoked" if revoked_seen[0] else "disconnect")
+        received(data)
+
+    ws.data_received = data_received  # type: ignore[method-assign]
 
     async def watch() -> None:
         revoked = False
@@ -175,13 +193,38 @@ _OPENERS: dict[str, Callable[[int, str], Awaitable[_Conn]]] = {
 }
 
 
-async def _open_all(port: int, token: str, per_transport: int) -> list[_Conn]:
+async def _client(transport: str, port: int, token: str, count: int, pipe: Connection) -> None:
     conns: list[_Conn] = []
-    jobs = [t for t in TRANSPORTS for _ in range(per_transport)]
-    for i in range(0, len(jobs), _CONNECT_BATCH):
-        batch = jobs[i : i + _CONNECT_BATCH]
-        conns += await asyncio.gather(*(_OPENERS[t](port, token) for t in batch))
-    return conns
+    for i in range(0, count, _CONNECT_BATCH):
+        batch = min(_CONNECT_BATCH, count - i)
+        conns += await asyncio.gather(*(_OPENERS[transport](port, token) for _ in range(batch)))
+    pipe.send("ready")
+    await asyncio.wait([c.closed for c in conns], timeout=_WAIT_S + 30)
+    pipe.send([(c.closed.result() if c.closed.done() else None, c.detail) for c in conns])
+    for c in conns:
+        if c.task is not None:
+            c.task.cancel()
+    await asyncio.gather(*(c.task for c in conns if c.task), return_exceptions=True)
+
+
+def _client_main(transport: str, port: int, token: str, count: int, pipe: Connection) -> None:
+    """One client process per transport: the closes are read in parallel, not queued
+    behind each other in one event loop (CLOCK_MONOTONIC is the machine's, so the times
+    line up with the orchestrator's)."""
+    try:
+        asyncio.run(_client(transport, port, token, count, pipe))
+    except Exception as e:  # reported to the orchestrator, which fails the scenario
+        pipe.send(f"error: {type(e).__name__}: {e}")
+
+
+async def _recv(pipe: Connection, timeout: float) -> Any:
+    loop = asyncio.get_running_loop()
+    if not await loop.run_in_executor(None, pipe.poll, timeout):
+        raise BenchError("a revocation client process did not answer")
+    msg = pipe.recv()
+    if isinstance(msg, str) and msg.startswith("error"):
+        raise BenchError(f"revocation client: {msg}")
+    return msg
 
 
 async def _refused(port: int, token: str) -> bool:
@@ -238,31 +281,44 @@ async def measure(
     not_closed: dict[str, int] = dict.fromkeys(TRANSPORTS, 0)
     details: set[str] = set()
     post_ms: list[float] = []
+    sent_at: list[float] = []  # wall clock, to line up with the servers' logs
     refused_after = True
+    spawn = multiprocessing.get_context("spawn")
     for n in range(rounds):
         user = f"bench-revoked-{n}-{time.monotonic_ns()}"
         token = _token(secret, user)
-        conns = await _open_all(b.port, token, per_transport)
-        await asyncio.sleep(0.5)  # let the connect-time work settle
+        clients = []
         try:
+            for transport in TRANSPORTS:
+                ours, theirs = spawn.Pipe()
+                proc = spawn.Process(
+                    target=_client_main, args=(transport, b.port, token, per_transport, theirs),
+                    daemon=True,
+                )
+                proc.start()
+                clients.append((transport, proc, ours))
+            for _, _, pipe in clients:
+                await _recv(pipe, 120)  # "ready": every connection of it is open
+            await asyncio.sleep(0.5)  # let the connect-time work settle
             t0 = time.monotonic()
+            sent_at.append(time.time())
             status, post_s = await _post_revocation(a.port, admin_token, user)
             if status != 201:
                 raise BenchError(f"POST /admin/revocations answered {status}")
             post_ms.append(post_s * 1000)
-            await asyncio.wait([c.closed for c in conns], timeout=_WAIT_S)
-            for c in conns:
-                if c.closed.done():
-                    ms[c.transport].append((c.closed.result() - t0) * 1000)
-                    details.add(f"{c.transport}: {c.detail}")
-                else:
-                    not_closed[c.transport] += 1
+            for transport, _, pipe in clients:
+                for at, detail in await _recv(pipe, _WAIT_S + 60):
+                    if at is None:
+                        not_closed[transport] += 1
+                    else:
+                        ms[transport].append((at - t0) * 1000)
+                        details.add(f"{transport}: {detail}")
             refused_after = refused_after and await _refused(b.port, token)
         finally:
-            for c in conns:
-                if c.task is not None:
-                    c.task.cancel()
-            await asyncio.gather(*(c.task for c in conns if c.task), return_exceptions=True)
+            for _, proc, _ in clients:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
     every = [v for t in TRANSPORTS for v in ms[t]]
     total = rounds * per_transport * len(TRANSPORTS)
     return {
@@ -274,6 +330,7 @@ async def measure(
         "close_ms": _pcts(every),
         "close_ms_by_transport": {t: _pcts(ms[t]) for t in TRANSPORTS},
         "post_ms": _pcts(post_ms),
+        "posted_at": sent_at,
         "how_closed": sorted(details),
         "refused_after": refused_after,
         "within_1s": bool(every) and max(every) <= 1000,
