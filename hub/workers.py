@@ -41,9 +41,9 @@ prometheus_client when a worker dies (``mark_process_dead``), so the connection 
 counts live workers only. See :mod:`hub.metrics`.
 
 Socket.IO long-polling needs every request of a session to reach the process that holds
-the session, which one shared socket cannot promise: with ``--workers N`` Socket.IO clients
-must use the WebSocket transport only (``transports: ["websocket"]``), or run one worker
-per container behind a proxy with sticky sessions (``docker/``).
+the session, which workers sharing one port cannot promise: with ``--workers N``
+Socket.IO clients must use the WebSocket transport only (``transports: ["websocket"]``),
+or run one worker per container behind a proxy with sticky sessions (``docker/``).
 """
 
 from __future__ import annotations
