@@ -402,9 +402,9 @@ async def multicore(target: Target, env: Env, sizes: Sizes) -> list[dict[str, An
             # Deliveries per write: how many events each client write carried on average
             # (more when a server fell behind and joined what queued): CPU per delivery
             # compares fairly only between rows that joined about as much.
-            n = write_syscalls([s.pid for s in servers]) - writes[0]
-            r["write_syscalls"] = n
-            r["deliveries_per_write"] = r["delivered"] / n if n > 0 else None
+            made = write_syscalls([s.pid for s in servers]) - writes[0]
+            r["write_syscalls"] = made
+            r["deliveries_per_write"] = r["delivered"] / made if made > 0 else None
             return r
 
         r = await _with_servers(t, env, instances, f"multicore{n}-", run)
