@@ -25,7 +25,7 @@ from bench.report import table
 from bench.scenarios import SCENARIOS, Env, Sizes
 from bench.targets import BENCH, TARGETS, hub_available, node_modules_ok
 
-DEFAULT_SCENARIOS = ["burst", "steady", "capacity", "cross"]
+DEFAULT_SCENARIOS = ["burst", "steady", "capacity", "cross", "multicore", "revocation"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -43,8 +43,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--clients", type=int, help="subscribers for burst, steady and cross")
     p.add_argument("--events", type=int, help="events for burst and cross")
-    p.add_argument("--rate", type=float, help="steady: events per second")
-    p.add_argument("--duration", type=float, help="steady: seconds")
+    p.add_argument("--rate", type=float, help="steady, multicore: events per second")
+    p.add_argument("--duration", type=float, help="steady, multicore: seconds")
     p.add_argument("--capacity", help="capacity: comma list of connection counts")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json")
     return p.parse_args(argv)
@@ -99,13 +99,14 @@ def _sizes(args: argparse.Namespace) -> Sizes:
             burst_clients=args.clients,
             steady_clients=args.clients,
             cross_clients=args.clients,
+            multicore_clients=args.clients,
         )
     if args.events:
         sizes = replace(sizes, burst_events=args.events, cross_events=args.events)
     if args.rate:
-        sizes = replace(sizes, steady_rate=args.rate)
+        sizes = replace(sizes, steady_rate=args.rate, multicore_rate=args.rate)
     if args.duration:
-        sizes = replace(sizes, steady_seconds=args.duration)
+        sizes = replace(sizes, steady_seconds=args.duration, multicore_seconds=args.duration)
     if args.capacity:
         sizes = replace(sizes, capacity=tuple(int(x) for x in args.capacity.split(",")))
     return sizes

@@ -111,6 +111,30 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0)
     raise BenchError(f"{url} did not answer in {timeout}s: {last}")
 
 
+def wait_workers(url: str, proc: subprocess.Popen[bytes], workers: int,
+                 timeout: float = 30.0) -> None:
+    """Until ``workers`` distinct hub workers (``instance_id`` in health) have answered:
+    health answers as soon as one worker serves, and clients opened before the others
+    listen would all land on it. Each request is a new connection, so any worker may
+    take it."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"process exited with {proc.returncode} before its workers served")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                seen.add(json.loads(r.read())["instance_id"])
+        except (OSError, ValueError, KeyError):
+            pass
+        if len(seen) >= workers:
+            return
+        time.sleep(0.02)
+    raise BenchError(f"only {len(seen)} of {workers} workers answered {url} in {timeout}s")
+
+
 @dataclass
 class Proc:
     """A child process with its log file; stop() ends it (TERM, then KILL)."""
@@ -188,3 +212,59 @@ def start_redis(logdir: Path) -> Proc:
     )
     wait_port(port, proc.popen, 10)
     return proc
+
+
+def _established_inodes(port: int) -> set[str]:
+    """Socket inodes of the established TCP connections whose local port is ``port``."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    return inodes
+
+
+def connections_per_process(roots: Sequence[int], port: int) -> dict[int, int]:
+    """How many established connections to ``port`` each process of the trees holds.
+
+    From the kernel's view (/proc/net/tcp and each process's fds), so it counts what every
+    worker really accepted; processes holding none (a supervisor, a helper) are left out.
+    """
+    wanted = _established_inodes(port)
+    counts: dict[int, int] = {}
+    for root in roots:
+        for p in tree(root):
+            try:
+                fds = os.listdir(f"/proc/{p}/fd")
+            except OSError:
+                continue
+            n = 0
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{p}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link[8:-1] in wanted:
+                    n += 1
+            if n:
+                counts[p] = n
+    return counts
+
+
+def write_syscalls(pids: Sequence[int]) -> int:
+    """write()/writev() calls of the process trees so far (syscw of /proc/<pid>/io).
+
+    uvloop writes sockets with write/writev, so for a hub server this counts its socket
+    writes: deliveries per write shows how much its write coalescing joined."""
+    total = 0
+    for io in _proc_files(pids, "io"):
+        for line in io.splitlines():
+            if line.startswith("syscw:"):
+                total += int(line.split()[1])
+    return total

@@ -11,7 +11,9 @@ def _f(v: Any, fmt: str = "{:.0f}") -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines: list[str] = []
-    delivery = [r for r in results if r["scenario"] != "capacity"]
+    delivery = [
+        r for r in results if r["scenario"] not in ("capacity", "multicore", "revocation")
+    ]
     capacity = [r for r in results if r["scenario"] == "capacity"]
     if delivery:
         head: tuple[str, ...] = (
@@ -96,7 +98,65 @@ def table(results: list[dict[str, Any]]) -> str:
                 )
             )
         lines += _grid(rows)
+    multicore = [r for r in results if r["scenario"] == "multicore"]
+    if multicore:
+        if lines:
+            lines.append("")
+        lines += multicore_table(multicore)
+    revoked = [r for r in results if r["scenario"] == "revocation"]
+    if revoked:
+        from bench.revocation import table as revocation_table
+
+        if lines:
+            lines.append("")
+        lines += revocation_table(revoked)
     return "\n".join(lines)
+
+
+def multicore_table(results: list[dict[str, Any]]) -> list[str]:
+    """One process against two: each process's share of the clients, CPU per delivery."""
+    head = (
+        "multicore",
+        "target",
+        "clients",
+        "delivered/expected",
+        "all?",
+        "clients per process %",
+        "even?",
+        "cpu µs/deliv",
+        "vs 1 process",
+        "deliv/write",
+        "p50 ms",
+        "p99 ms",
+        "other cpu %",
+    )
+    rows: list[tuple[str, ...]] = [head]
+    for r in results:
+        if "error" in r:
+            cells = ("", r["target"], "", r["error"][:60], "ERROR")
+            rows.append(cells + ("",) * (len(head) - len(cells)))
+            continue
+        shares = r.get("worker_share_pct") or []
+        even = r.get("spread_even")
+        rows.append(
+            (
+                r["layout"],
+                r["target"],
+                str(r["connected"]),
+                f"{r['delivered']}/{r['expected']}"
+                + (f" dup={r['duplicates']}" if r["duplicates"] else ""),
+                "yes" if r["complete"] else "NO",
+                " / ".join(f"{s:.1f}" for s in shares) or "-",
+                "-" if even is None else "yes" if even else "NO",
+                _f(r["cpu_us_per_delivery"], "{:.1f}"),
+                _f(r.get("cpu_vs_one_process"), "{:.2f}"),
+                _f(r.get("deliveries_per_write"), "{:.2f}"),
+                _f(r["latency_ms"]["p50"], "{:.1f}"),
+                _f(r["latency_ms"]["p99"], "{:.1f}"),
+                _f(r.get("other_cpu_pct")),
+            )
+        )
+    return _grid(rows)
 
 
 def _grid(rows: list[tuple[str, ...]]) -> list[str]:

@@ -13,13 +13,22 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BenchError, Proc, cpu_seconds, machine_busy_seconds, rss_bytes
+from bench.procs import (
+    BenchError,
+    Proc,
+    connections_per_process,
+    cpu_seconds,
+    machine_busy_seconds,
+    rss_bytes,
+    write_syscalls,
+)
 from bench.publishers import Publisher, event_data
+from bench.revocation import revocation
 from bench.targets import BENCH, Target
 
 SUBSCRIBE = "threat_detected"
@@ -37,10 +46,15 @@ class Sizes:
     cross_events: int = 200
     settle_s: float = 3.0
     grace_ms: int = 10000
+    multicore_clients: int = 1000
+    multicore_rate: float = 10.0
+    multicore_seconds: float = 20.0
+    revocation_connections: int = 300  # of each transport
+    revocation_rounds: int = 3
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(20, 20, 20, 5.0, 2.0, (20, 50), 20, 20, 0.5, 5000)
+        return cls(20, 20, 20, 5.0, 2.0, (20, 50), 20, 20, 0.5, 5000, 20, 5.0, 2.0, 5, 1)
 
 
 @dataclass
@@ -152,8 +166,12 @@ async def _deliver(
     events: int,
     rate: float | None,
     sizes: Sizes,
+    probe: Callable[[list[Proc]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Connect, publish `events` (as fast as possible, or at `rate`/s), measure."""
+    """Connect, publish `events` (as fast as possible, or at `rate`/s), measure.
+
+    ``probe`` runs once every client is connected, before publishing; what it returns is
+    added to the result."""
     run = secrets.token_hex(4)
     lc = await LoadClient.start(
         target,
@@ -169,6 +187,7 @@ async def _deliver(
     pub: Publisher = target.publisher(servers[0], env.redis_url, env.admin_token)
     try:
         ready = await lc.read("ready", timeout=300)
+        probed = probe(servers) if probe else {}
         await pub.start()
         pids = [p.pid for p in servers]
         await asyncio.sleep(0.5)  # let connect-time work (and GC of it) finish before sampling
@@ -234,6 +253,7 @@ async def _deliver(
                 "complete",
             )
         },
+        **probed,
     }
 
 
@@ -337,4 +357,81 @@ async def capacity(target: Target, env: Env, sizes: Sizes) -> list[dict[str, Any
     return out
 
 
-SCENARIOS = {"burst": burst, "steady": steady, "capacity": capacity, "cross": cross}
+def _spread(servers: list[Proc]) -> dict[str, Any]:
+    """Which process holds how many of the clients (the kernel's view, per worker PID)."""
+    counts: dict[int, int] = {}
+    for s in servers:
+        counts |= connections_per_process([s.pid], s.port)
+    total = sum(counts.values())
+    shares = sorted((100 * n / total for n in counts.values()), reverse=True) if total else []
+    return {
+        "worker_clients": sorted(counts.values(), reverse=True),
+        "worker_share_pct": shares,
+    }
+
+
+async def multicore(target: Target, env: Env, sizes: Sizes) -> list[dict[str, Any]]:
+    """One process against two on one machine, the same steady load (issue 16, part 2).
+
+    hub: ``hub serve`` against ``hub serve --workers 2`` (one port; the kernel picks the
+    worker of each connection). The peers have no shared-port mode without a sticky
+    balancer in front (socket.io's cluster adapter needs @socket.io/sticky), so they run
+    as two processes on one Redis with the load client splitting the clients between them.
+    The same events at the same rate reach the same clients in both rows, so CPU per
+    delivery compares what a second process costs; each process's share of the clients
+    is counted from /proc.
+    """
+    events = max(1, round(sizes.multicore_rate * sizes.multicore_seconds))
+    rows = []
+    for n in (1, 2):
+        hub_workers = target.kind == "hub" and n > 1
+        t = replace(target, workers=n) if hub_workers else target
+        instances = 1 if target.kind == "hub" else n
+
+        async def run(servers: list[Proc], t: Target = t) -> dict[str, Any]:
+            writes: list[int] = []
+
+            def probe(servers: list[Proc]) -> dict[str, Any]:
+                writes.append(write_syscalls([s.pid for s in servers]))
+                return _spread(servers)
+
+            r = await _deliver(
+                t, env, servers, sizes.multicore_clients, events, sizes.multicore_rate, sizes,
+                probe=probe,
+            )
+            # Deliveries per write: how many events each client write carried on average
+            # (more when a server fell behind and joined what queued): CPU per delivery
+            # compares fairly only between rows that joined about as much.
+            made = write_syscalls([s.pid for s in servers]) - writes[0]
+            r["write_syscalls"] = made
+            r["deliveries_per_write"] = r["delivered"] / made if made > 0 else None
+            return r
+
+        r = await _with_servers(t, env, instances, f"multicore{n}-", run)
+        r |= {
+            "processes": n,
+            "layout": (
+                f"hub serve --workers {n}" if hub_workers
+                else "hub serve" if target.kind == "hub"
+                else "1 process" if n == 1
+                else f"{n} processes, clients split by the load client"
+            ),
+            "rate_events_per_s": sizes.multicore_rate,
+        }
+        rows.append(r)
+    one, two = rows
+    if one.get("cpu_us_per_delivery") and two.get("cpu_us_per_delivery"):
+        two["cpu_vs_one_process"] = two["cpu_us_per_delivery"] / one["cpu_us_per_delivery"]
+    shares = two["worker_share_pct"]
+    two["spread_even"] = len(shares) == 2 and all(40 <= s <= 60 for s in shares)
+    return rows
+
+
+SCENARIOS = {
+    "burst": burst,
+    "steady": steady,
+    "capacity": capacity,
+    "cross": cross,
+    "multicore": multicore,
+    "revocation": revocation,
+}

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import Proc, free_port, spawn, wait_http_ok
+from bench.procs import Proc, free_port, spawn, wait_http_ok, wait_workers
 from bench.publishers import HttpPublisher, HubPublisher, Publisher, hub_publisher_available
 
 BENCH = Path(__file__).resolve().parent
@@ -24,6 +24,9 @@ class Target:
     proto: str  # "plain" (hub's /ws/events) or "sio" (Engine.IO 4 / Socket.IO 5)
     kind: str  # "node" | "pysio" | "hub"
     description: str
+    # hub only: `hub serve --workers N` (N processes on one port); the multicore scenario
+    # runs a copy of the hub targets with workers=2.
+    workers: int = 1
 
     def start(self, redis_url: str, secret: str, logdir: Path, tag: str) -> Proc:
         port = free_port()
@@ -57,10 +60,14 @@ class Target:
                 "--redis-url",
                 redis_url,
             ]
+            if self.workers > 1:
+                argv += ["--workers", str(self.workers)]
             health = f"http://127.0.0.1:{port}/ws/health"
         proc = spawn(self.name, argv, log, env=env, cwd=ROOT, port=port)
         try:
             wait_http_ok(health, proc.popen, timeout=30)
+            if self.workers > 1:
+                wait_workers(health, proc.popen, self.workers, timeout=30)
         except Exception:
             proc.stop()
             raise

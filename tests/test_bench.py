@@ -83,3 +83,31 @@ def test_quick_bench_delivers_everything(target: str, node_deps: None, tmp_path:
         else:
             assert r["still_open"] == r["clients"], r
             assert r["rss_kib_per_conn"] is not None
+
+
+@pytest.mark.timeout(420)
+def test_quick_multicore_and_revocation(node_deps: None, tmp_path: Path) -> None:
+    """The multicore scenario (hub serve against --workers 2) counts every worker's clients
+    and CPU per delivery; the revocation scenario closes every connection of the user on
+    the other instance, on all three transports, and the token is refused afterwards."""
+    if not _hub_runnable():
+        pytest.skip("hub/__main__.py does not exist yet: `python -m hub serve` cannot run")
+    report = _run_quick(["hub-ws"], ["multicore", "revocation"], tmp_path / "r.json")
+    results = report["results"]
+    assert isinstance(results, list)
+    one, two, revoked = results
+    for r in (one, two):
+        assert r["scenario"] == "multicore" and r["complete"], r
+        assert r["missing"] == 0 and r["duplicates"] == 0, r
+        assert sum(r["worker_clients"]) == r["connected"] == r["clients"], r
+    assert (one["layout"], len(one["worker_clients"])) == ("hub serve", 1)
+    assert (two["layout"], len(two["worker_clients"])) == ("hub serve --workers 2", 2)
+    assert two["cpu_vs_one_process"] is not None
+    assert revoked["scenario"] == "revocation" and revoked["complete"], revoked
+    assert revoked["closed"] == revoked["connections"] > 0
+    assert revoked["refused_after"]
+    assert revoked["how_closed"] == [
+        "sio: disconnect after token_revoked",
+        "sse: stream ended after token_revoked",
+        "ws: close frame 4003 token revoked",
+    ]

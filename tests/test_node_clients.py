@@ -7,13 +7,23 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import JS_DIR, SECRET, RedisServer, start_hub_process, stop_process
+from tests.conftest import (
+    JS_DIR,
+    SECRET,
+    RedisServer,
+    make_settings,
+    make_token,
+    run_hub,
+    start_hub_process,
+    stop_process,
+)
 from tests.helpers import THREAT
 
 ENV = {"JWT_SECRET": SECRET}
@@ -156,3 +166,66 @@ async def test_two_instances_on_redis_reach_node_clients_on_the_other(
             await client.stop()
         stop_process(first.process)
         stop_process(second.process)
+
+
+async def test_socketio_client_refreshes_across_three_token_lifetimes(
+        clients: list[NodeClient]) -> None:
+    """The official socket.io-client, default transports (polling, then the upgrade):
+    it refreshes with the ``refresh`` event (acked) on each ``token_expiring`` and stays
+    on its one connection across three short token lifetimes, receiving the events
+    published in each; once it stops refreshing the last token's expiry ends it."""
+    import os
+
+    ttl, lifetimes = 2, 3
+    async with run_hub(make_settings(token_expiring_lead_s=1.0)) as running:
+        first = make_token("dashboard", ttl=ttl + 2)  # Node's start-up does not eat it
+        process = await asyncio.create_subprocess_exec(
+            "node", str(JS_DIR / "socketio_refresh.js"), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "HUB_URL": running.url, "HUB_TOKEN": first})
+        client = NodeClient(process)
+        clients.append(client)
+        assert process.stdin is not None
+
+        async def next_of(kind: str, timeout: float = ttl + 10) -> dict[str, Any]:
+            record = await client.next(timeout=timeout)
+            while record["kind"] in ("upgrade", "connected") and kind != record["kind"]:
+                record = await client.next(timeout=timeout)
+            assert record["kind"] == kind, record
+            return record
+
+        async def both(event_id: str) -> dict[str, Any]:
+            """The event and the token_expiring notice, in whichever order they come."""
+            got: dict[str, dict[str, Any]] = {}
+            while len(got) < 2:
+                record = await client.next(timeout=ttl + 10)
+                if record["kind"] in ("upgrade", "connected"):
+                    continue
+                assert record["kind"] in ("event", "token_expiring"), record
+                assert record["kind"] not in got, record  # one notice per token
+                got[record["kind"]] = record
+            assert got["event"]["envelope"]["id"] == event_id
+            return got["token_expiring"]
+
+        connected = await next_of("connected")
+        until = time.time() + lifetimes * ttl + 1  # three short lifetimes, and more
+        exp, refreshes = 0, 0
+        while time.time() < until:
+            published = await running.publish("threat_detected", {**THREAT, "n": refreshes})
+            notice = await both(published.id)
+            assert notice["data"]["exp"] >= exp  # for the current token
+            process.stdin.write(json.dumps(
+                {"token": make_token("dashboard", ttl=ttl)}).encode() + b"\n")
+            await process.stdin.drain()
+            refreshed = await next_of("refreshed")
+            assert refreshed["ack"]["user_id"] == "dashboard", refreshed
+            assert refreshed["ack"]["exp"] >= notice["data"]["exp"]
+            assert refreshed["id"] == connected["id"]  # the same connection throughout
+            exp, refreshes = refreshed["ack"]["exp"], refreshes + 1
+        assert refreshes >= lifetimes
+        assert refreshed["transport"] == "websocket"  # upgraded from polling by now
+        last = await running.publish("threat_detected", THREAT)
+        assert (await both(last.id))["data"]["exp"] == exp
+        # Without a refresh the last token's expiry ends the connection.
+        assert (await next_of("token_expired"))["data"]["code"] == 4003
+        assert (await next_of("disconnect"))["reason"] == "io server disconnect"

@@ -12,9 +12,10 @@ import pytest
 
 from hub.config import Settings
 from hub.protocol import Action, parse_client_message
-from tests.conftest import make_settings, make_token, run_hub
+from tests.conftest import RunningHub, make_settings, make_token, run_hub
 from tests.helpers import THREAT, close_code, connected, recv_type, send_json
 from tests.sio_helpers import SioClient
+from tests.sse_helpers import sse_connect
 
 TTL = 2  # seconds: each token lives this long
 LIFETIMES = 3
@@ -317,3 +318,34 @@ async def test_client_with_a_stale_source_reconnects_after_expiry_and_resumes() 
             assert (await asyncio.wait_for(first, 10)).id == event.id
         disconnects = [n for n in notices if n.kind is NoticeKind.DISCONNECTED]
         assert disconnects[0].data["code"] == 4003
+
+
+# -- SSE: refresh by reconnecting with Last-Event-ID ----------------------------------------
+async def test_sse_refreshes_by_reconnecting_with_last_event_id(any_hub: RunningHub) -> None:
+    """The documented SSE path: the stream ends at exp with ``token_expired``; the client
+    reconnects with a new token and Last-Event-ID and gets every event published while it
+    was away, once, then live ones."""
+    seen: list[str] = []
+    async with sse_connect(any_hub.url, make_token(ttl=TTL)) as stream:
+        assert (await stream.next_event()).event == "connection_established"
+        for n in range(2):
+            published = await any_hub.publish("threat_detected", {**THREAT, "n": n})
+            event = await stream.next_event()
+            assert event.id == published.id and event.id is not None
+            seen.append(event.id)
+        expired = await stream.next_event(timeout=TTL + 10)
+        assert expired.event == "token_expired", expired
+        assert expired.json["data"]["message"] == "token expired"
+        assert await stream.next(timeout=10) is None  # the response ends
+    # While the client is away (its token renewed by whoever issues them).
+    missed = [await any_hub.publish("threat_detected", {**THREAT, "n": 10 + n})
+              for n in range(3)]
+    headers = {"last-event-id": seen[-1]}  # what EventSource sends on its reconnect
+    async with sse_connect(any_hub.url, make_token(ttl=3600), headers=headers) as stream:
+        assert (await stream.next_event()).event == "connection_established"
+        replayed = await stream.events_until("resumed")
+        assert [e.id for e in replayed] == [e.id for e in missed]  # all, in order, once
+        live = await any_hub.publish("threat_detected", THREAT)
+        assert (await stream.next_event()).id == live.id
+        ids = seen + [e.id for e in replayed] + [live.id]
+    assert len(ids) == len(set(ids))  # nothing twice across the two streams

@@ -30,7 +30,15 @@ from tests.conftest import (
     start_hub_process,
     stop_process,
 )
-from tests.helpers import THREAT, close_code, recv_json, recv_type, send_json, ws_connect
+from tests.helpers import (
+    THREAT,
+    close_code,
+    recv_json,
+    recv_type,
+    send_json,
+    wait_until,
+    ws_connect,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -192,3 +200,30 @@ def test_workers_need_a_free_port(own_redis: RedisServer) -> None:
     assert result.returncode == 2  # checked before anything starts (hub/cli.py check_bind)
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_connections_spread_evenly_over_the_workers(own_redis: RedisServer,
+                                                          tmp_path: Path) -> None:
+    """Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads new
+    connections over them by hash, whichever worker is idle; the supervisor takes none."""
+    from bench.procs import connections_per_process
+
+    hub, _ = start_workers(own_redis, tmp_path)
+    socks: list[socket.socket] = []
+    try:
+        workers = worker_pids(hub.process.pid)
+        socks = [socket.create_connection(("127.0.0.1", hub.port)) for _ in range(200)]
+
+        def held() -> dict[int, int]:
+            return connections_per_process([hub.process.pid], hub.port)
+
+        # Each worker's loop accepts shortly after the kernel completed the handshake.
+        await wait_until(lambda: sum(held().values()) == len(socks), what="all accepted")
+        counts = held()
+        assert set(counts) == workers, counts  # every worker holds some, nothing else does
+        # Binomial spread of 200 over 2 (sd ~3.5 %, ~5 % seen): 25-75 % is over 5 sd away.
+        assert all(50 <= n <= 150 for n in counts.values()), counts
+    finally:
+        for s in socks:
+            s.close()
+        stop_process(hub.process)
