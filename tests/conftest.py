@@ -192,8 +192,8 @@ class RedisClusterNodes:
         self.wait_ok()
 
     def wait_ok(self, timeout: float = 30) -> None:
-        """Until every running node says ``cluster_state:ok`` and knows every master
-        with its replicas."""
+        """Until every running node says ``cluster_state:ok`` and every replica has
+        synced with its master (``master_link_status:up``)."""
         deadline = time.monotonic() + timeout
         while True:
             states = []
@@ -203,8 +203,11 @@ class RedisClusterNodes:
                 with contextlib.suppress(redis_sync.RedisError):
                     client = redis_sync.Redis(port=port, socket_timeout=1)
                     info = client.cluster("info")
+                    replication = client.info("replication")
                     client.close()
-                    states.append(info.get("cluster_state") == "ok")
+                    states.append(info.get("cluster_state") == "ok" and (
+                        replication["role"] == "master"
+                        or replication.get("master_link_status") == "up"))
             if states and all(states):
                 return
             if time.monotonic() > deadline:

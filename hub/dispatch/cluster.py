@@ -56,6 +56,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -127,7 +129,7 @@ def open_cluster(url: str, max_connections: int = 100) -> RedisCluster:
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S,
-        max_connections=max_connections, cluster_error_retry_attempts=1,
+        max_connections=max_connections, retry=Retry(NoBackoff(), 1),
         health_check_interval=10, **credentials)
 
 

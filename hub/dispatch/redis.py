@@ -361,10 +361,11 @@ class RedisBackend(Backend):
                     log.error("outage journal full (%d events): refusing publishes (503) "
                               "until redis takes them", len(self.journal))
                 raise
-        ledger.spool(event)
+        fresh = ledger.spool(event)
         event.shared = False
         self._wake_flusher()
-        self._deliver_local(event)
+        if fresh:
+            self._deliver_local(event)
         return event
 
     async def _append_normal(self, chosen: list[Event]) -> None:
