@@ -59,7 +59,16 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    ClusterError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
 
 from hub.config import Settings
 from hub.dispatch.base import Backend, History
@@ -121,12 +130,24 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     return nodes, options
 
 
+class HubRedisCluster(RedisCluster):
+    """redis-py's cluster client, whose own errors (no node serves a slot, the cluster
+    cannot be reached: ``RedisClusterException``, not a ``RedisError``) are Redis errors
+    to hub, as an outage: publishes are journalled, loops reconnect, reads say 503."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterError(str(exc) or type(exc).__name__) from exc
+
+
 def open_cluster(url: str, max_connections: int = 100) -> RedisCluster:
     nodes, options = parse_cluster_url(url)
     credentials = {k: options[k] for k in ("username", "password") if k in options}
     # The single-node client's bounds (see open_redis): a dead or frozen node fails calls
     # within health's window; redis-py refreshes the slot map on a connection error.
-    return RedisCluster(
+    return HubRedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S,
         max_connections=max_connections, retry=Retry(NoBackoff(), 1),
@@ -219,14 +240,18 @@ class ShardBackend(RedisBackend):
         role = PipelineCommand(2, "ROLE")
         wait = PipelineCommand(3, "WAIT", wanted, self._wait_ms)
         commands += [role, wait]
-        node = self.redis.get_node_from_key(self._key)
-        await node.execute_pipeline(commands)
+        try:
+            node = self.redis.get_node_from_key(self._key)
+        except RedisClusterException as exc:  # no node serves the slot now
+            self._refresh_slots()
+            raise ClusterError(str(exc) or type(exc).__name__) from exc
+        await self._pipeline(node, commands)
         result: Any = commands[0].result
         if isinstance(result, NoScriptError):
             await self.redis.script_load(self._append_script.script)
             commands[0] = PipelineCommand(0, "EVAL", self._append_script.script, len(keys),
                                           *keys, *args)
-            await node.execute_pipeline(commands)
+            await self._pipeline(node, commands)
             result = commands[0].result
         for command in commands:
             if isinstance(command.result, Exception):
@@ -244,6 +269,22 @@ class ShardBackend(RedisBackend):
             raise RedisError(f"no replica of {node.name} confirmed the append within "
                              f"{self._wait_ms} ms")
         return _str(result[0]), _str(result[1])
+
+    async def _pipeline(self, node: ClusterNode, commands: list[PipelineCommand]) -> None:
+        """Send ``commands`` on one connection to ``node``. A connection found broken (the
+        node died: redis-py may hand back one whose transport is closed, which raises
+        RuntimeError) is a connection error: the node's connections are dropped, to be
+        opened again, and the slot map is read again."""
+        try:
+            await node.execute_pipeline(commands)
+        except RedisError:
+            self._refresh_slots()
+            raise
+        except (OSError, RuntimeError) as exc:
+            self._refresh_slots()
+            with contextlib.suppress(Exception):
+                await node.disconnect()
+            raise RedisConnectionError(f"{node.name}: {exc}") from exc
 
     def _refresh_slots(self) -> None:
         # The next command re-reads the slot map (redis-py does so after a connection
@@ -319,7 +360,7 @@ class ShardedBackend(Backend):
                     batch: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self._on_event = on_event
         self._batch = batch
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
             await self.redis.initialize()  # else the first command does (or fails to)
         for index, shard in enumerate(self.shards):
             await shard.start(functools.partial(self._arrive, index), self._hold)
@@ -376,8 +417,21 @@ class ShardedBackend(Backend):
             heapq.heappush(self._heap, (event.key, index, next(self._seq), event))
         elif self._on_event is not None:
             # Delivered by its shard at once (journalled while that shard is down): as on
-            # one node, it reaches this instance's clients now, ahead of its place.
-            self._on_event(event)
+            # one node, it reaches this instance's clients now, ahead of its place; what
+            # its shard's reader read before goes first (the heap up to the last of them),
+            # so that a shard's own order holds.
+            heap = self._heap
+            mine = [item[0] for item in heap if item[1] == index]
+            out = []
+            if mine:
+                last = max(mine)
+                while heap and heap[0][0] <= last:
+                    out.append(heapq.heappop(heap)[3])
+                self._frontier = max(self._frontier, last)
+            with self._batch() if out else nullcontext():
+                for held in out:
+                    self._on_event(held)
+                self._on_event(event)
 
     def _read(self) -> None:
         if self._depth == 0:
