@@ -318,6 +318,7 @@ class ShardedBackend(Backend):
         self._frontier: Key = (0, 0)  # released up to here: nothing new lands at or below
         self._depth = 0  # inside a shard's batch: release when it ends
         self._probing: set[int] = set()
+        self.probes = 0  # watermarks sent (status, bench)
         self._probe_tasks: set[asyncio.Task[None]] = set()
         self._probe_due: asyncio.TimerHandle | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -398,7 +399,7 @@ class ShardedBackend(Backend):
         shards = [shard.status() for shard in self.shards]
         return {"stream": ",".join(s["stream"] for s in shards),
                 "last_id": format_id(self._frontier), "shards": shards,
-                "held": len(self._heap),
+                "held": len(self._heap), "watermarks_sent": self.probes,
                 "spooled": sum(s["spooled"] for s in shards),
                 "journal": sum(s["journal"] for s in shards),
                 "reader_lag_s": max(s["reader_lag_s"] for s in shards),
@@ -487,6 +488,7 @@ class ShardedBackend(Backend):
             if (shard.ledger.reader_up and shard.ledger.last_read < waiting
                     and index not in self._probing):
                 self._probing.add(index)
+                self.probes += 1
                 task = asyncio.create_task(self._run_probe(index, waiting))
                 self._probe_tasks.add(task)
                 task.add_done_callback(self._probe_tasks.discard)
