@@ -25,8 +25,11 @@ import httpx
 import pytest
 import redis as redis_sync
 import socketio
+from redis.crc import key_slot
 
+from hub.config import Settings
 from hub.dispatch.cluster import ShardedBackend, shard_keys, shard_of
+from hub.errors import ConfigError
 from tests.conftest import (
     SECRET,
     HubProcess,
@@ -63,6 +66,30 @@ def test_the_types_fall_on_three_masters(cluster: RedisClusterNodes) -> None:
     assert [shard_of(t, 3) for t in TYPES] == [0, 1, 2]
     keys = shard_keys("hub:events", 3)
     assert len({cluster.master_of(k) for k in keys}) == 3
+
+
+@pytest.mark.parametrize("url", [
+    "redis+cluster://",                                  # no node
+    "redis+cluster://127.0.0.1",                         # no port
+    "redis+cluster://127.0.0.1:7000,:7001",              # no host
+    "redis+cluster://127.0.0.1:7000?shards=0",           # out of bounds
+    "redis+cluster://127.0.0.1:7000?shards=1000",
+    "redis+cluster://127.0.0.1:7000?wait_ms=abc",        # not a number
+    "redis+cluster://127.0.0.1:7000?readonly=1",         # unknown option
+])
+def test_a_bad_cluster_url_is_refused_at_start_up_with_the_reason(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"JWT_SECRET": SECRET, "REDIS_URL": url})
+    assert "REDIS_URL" in caught.value.message
+
+
+def test_shard_keys_take_one_slot_range_each() -> None:
+    for shards in (1, 2, 3, 5, 16):
+        keys = shard_keys("hub:events", shards)
+        slots = [key_slot(k.encode()) for k in keys]
+        assert [s * shards // 16384 for s in slots] == list(range(shards)), keys
+        # Every key a script touches (the stream and its suffixed keys) is in one slot.
+        assert all(key_slot(f"{k}:moved".encode()) == key_slot(k.encode()) for k in keys)
 
 
 def _settings(cluster: RedisClusterNodes, stream: str, **overrides: Any) -> Any:
