@@ -30,6 +30,7 @@ from redis.crc import key_slot
 from hub.config import Settings
 from hub.dispatch.cluster import ShardedBackend, shard_keys, shard_of
 from hub.errors import ConfigError
+from hub.publish import Publisher
 from tests.conftest import (
     SECRET,
     HubProcess,
@@ -160,6 +161,13 @@ async def test_one_order_on_every_instance_and_resume_from_any_id(
             while (message := await recv_json(ws))["type"] not in TYPES:
                 pass
             assert message["id"] == late.id
+            # An external publisher on the cluster URL appends to the type's shard.
+            async with Publisher(cluster.url, stream_key=stream,
+                                 extra_event_types=TYPES) as publisher:
+                external = await publisher.publish(TYPES[1], {"n": 61})
+            while (message := await recv_json(ws))["type"] not in TYPES:
+                pass
+            assert message["id"] == external.id
             await ws.close()
 
 
