@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -219,6 +220,14 @@ class Sio:
                                   transports=["websocket"], wait_timeout=10)
 
 
+def _role(port: int) -> str:
+    client = redis_sync.Redis(port=port, socket_timeout=1)
+    try:
+        return str(client.info("replication")["role"])
+    finally:
+        client.close()
+
+
 def stream_ids(client: Any, stream: str) -> list[str]:
     entries: list[tuple[str, dict[str, str]]] = client.xrange(stream)
     return [fields.get("i", entry) for entry, fields in entries if "e" in fields]
@@ -247,9 +256,13 @@ def score(received: list[dict[str, Any]], expected: set[str],
             "late": late, "foreign": len(set(ids) - expected)}
 
 
-async def test_master_failover_under_load(cluster: RedisClusterNodes, tmp_path: Path) -> None:
-    """SIGKILL of the master holding one type's shard while both instances publish all
-    types at a steady rate; the cluster promotes its replica (node timeout 1 s)."""
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_master_failover_under_load(cluster: RedisClusterNodes, tmp_path: Path,
+                                          fault: str) -> None:
+    """The master holding one type's shard faulted while both instances publish all types
+    at a steady rate; the cluster promotes its replica (node timeout 1 s). ``kill``:
+    SIGKILL, its sockets are reset; ``freeze``: SIGSTOP, its sockets stay open and silent
+    until the replica has taken over and the test is done."""
     unique = uuid.uuid4().hex[:8]
     stream = f"hub:cluster:{unique}"
     env = {"REDIS_URL": cluster.url, "JWT_SECRET": SECRET, "HUB_STREAM_KEY": stream,
@@ -261,13 +274,14 @@ async def test_master_failover_under_load(cluster: RedisClusterNodes, tmp_path: 
         for name in ("a", "b"):
             hubs.append(start_hub_process({**env, "HUB_INSTANCE_ID": f"cluster-{name}"},
                                           tmp_path=tmp_path))
-        await _run(cluster, hubs, stream)
+        await _run(cluster, hubs, stream, fault)
     finally:
         for hub in hubs:
             stop_process(hub.process)
 
 
-async def _run(cluster: RedisClusterNodes, hubs: list[HubProcess], stream: str) -> None:
+async def _run(cluster: RedisClusterNodes, hubs: list[HubProcess], stream: str,
+               fault: str) -> None:
     plains = [Plain(f"plain-{n}") for n in range(len(hubs))]
     tasks = [asyncio.create_task(p.run(h.url.replace("http", "ws") + "/ws/events"))
              for p, h in zip(plains, hubs, strict=True)]
@@ -309,12 +323,14 @@ async def _run(cluster: RedisClusterNodes, hubs: list[HubProcess], stream: str) 
             posts.append(asyncio.create_task(post(seq)))
             now = time.monotonic()
             if killed_at is None and now - start >= BEFORE_S:
-                cluster.kill(victim)
+                if fault == "kill":
+                    cluster.kill(victim)
+                else:
+                    cluster.processes[victim].send_signal(signal.SIGSTOP)
                 killed_at = now
-            if killed_at is not None and promoted_at is None and seq % 6 == 0:
-                roles = await asyncio.to_thread(cluster.roles)
-                if roles.get(replica) == "master":
-                    promoted_at = now
+            if (killed_at is not None and promoted_at is None and seq % 6 == 0
+                    and await asyncio.to_thread(_role, replica) == "master"):
+                promoted_at = now
             if promoted_at is not None and now - promoted_at >= AFTER_S:
                 break
             assert killed_at is None or now - killed_at < 30, "no failover within 30 s"
@@ -351,7 +367,7 @@ async def _run(cluster: RedisClusterNodes, hubs: list[HubProcess], stream: str) 
             await asyncio.sleep(0.2)
 
     figures = {c.name: score(c.received, acked_ids, source) for c in clients}
-    report = (f"cluster kill: published {len(published)} at {RATE_HZ}/s over 3 shards, "
+    report = (f"cluster {fault}: published {len(published)} at {RATE_HZ}/s over 3 shards, "
               f"acknowledged {len(acked)}, refused {len(refused)} "
               f"{sorted({p[2] for p in refused})}, journalled {len(journalled)}, slowest 202 "
               f"{max(latency):.2f} s; failover {promoted_at - killed_at:.1f} s; acknowledged "
@@ -372,7 +388,10 @@ async def _run(cluster: RedisClusterNodes, hubs: list[HubProcess], stream: str) 
     await asyncio.gather(*tasks, return_exceptions=True)
     for sio in sios:
         await sio.client.disconnect()
-    # The killed node comes back as a replica of its old replica: the cluster is whole
+    # The faulted node comes back as a replica of its old replica: the cluster is whole
     # again for whatever runs next.
-    await asyncio.to_thread(cluster.start_node, victim)
+    if fault == "kill":
+        await asyncio.to_thread(cluster.start_node, victim)
+    else:
+        cluster.processes[victim].send_signal(signal.SIGCONT)
     await asyncio.to_thread(cluster.wait_ok)

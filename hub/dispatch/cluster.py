@@ -49,6 +49,7 @@ import heapq
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -90,6 +91,7 @@ DEFAULT_SHARDS = 3
 DEFAULT_WAIT_MS = 200
 PROBE_DELAY_S = 0.003  # an event waits this long for idle shards before they are probed
 TICK_S = 0.05  # the merge is re-checked at least this often while events wait
+MAX_HOLD_S = 1.0  # the longest a shard that reads but does not move holds the others
 
 # A watermark: an entry at the waiting position ARGV[2], unless the stream is past it
 # already (XADD refuses an id at or below the last one; nothing is appended then).
@@ -319,6 +321,9 @@ class ShardedBackend(Backend):
         self._depth = 0  # inside a shard's batch: release when it ends
         self._probing: set[int] = set()
         self.probes = 0  # watermarks sent (status, bench)
+        self._held_since: float | None = None  # the heap's head has waited since
+        self._hold_logged = -60.0
+        self._skipped: dict[int, Key] = {}  # shard -> where it stood when left out
         self._probe_tasks: set[asyncio.Task[None]] = set()
         self._probe_due: asyncio.TimerHandle | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -450,8 +455,17 @@ class ShardedBackend(Backend):
                 self._release()
 
     def _watermark(self) -> Key | None:
-        """Where every shard that reads has read to (None: no shard reads)."""
-        live = [s.ledger.last_read for s in self.shards if s.ledger.reader_up]
+        """Where every shard that reads has read to (None: no shard reads); a shard left
+        out for not moving (``_skipped``) counts again once it has read on."""
+        live = []
+        for index, shard in enumerate(self.shards):
+            if not shard.ledger.reader_up:
+                continue
+            if index in self._skipped:
+                if shard.ledger.last_read == self._skipped[index]:
+                    continue
+                del self._skipped[index]
+            live.append(shard.ledger.last_read)
         return min(live) if live else None
 
     def _release(self) -> None:
@@ -459,10 +473,33 @@ class ShardedBackend(Backend):
         mark = self._watermark()
         if mark is not None and mark > self._frontier:
             self._frontier = mark
+        if heap and heap[0][0] > self._frontier:
+            # Held: by a shard that reads but does not move (a frozen master until the
+            # socket timeout, a node refusing the watermark's write). Past MAX_HOLD_S
+            # the merge goes on without it; what that shard holds then arrives late.
+            now = time.monotonic()
+            if self._held_since is None:
+                self._held_since = now
+            elif now - self._held_since > MAX_HOLD_S:
+                slow = []
+                for index, shard in enumerate(self.shards):
+                    if shard.ledger.reader_up and shard.ledger.last_read < heap[0][0]:
+                        self._skipped[index] = shard.ledger.last_read  # until it moves
+                        slow.append(shard._key)
+                mark = self._watermark()
+                self._frontier = max(self._frontier, heap[0][0], mark or (0, 0))
+                if now - self._hold_logged >= 60:
+                    self._hold_logged = now
+                    log.warning("shard(s) %s did not move for %.1fs: delivering the other "
+                                "shards' events without waiting for them", ", ".join(slow),
+                                MAX_HOLD_S)
         if not heap or heap[0][0] > self._frontier:
-            if heap and mark is not None:
+            if not heap:
+                self._held_since = None
+            elif mark is not None:
                 self._probe_soon()
             return
+        self._held_since = None
         frontier = self._frontier
         out = []
         while heap and heap[0][0] <= frontier:
