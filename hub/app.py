@@ -112,6 +112,8 @@ class Hub:
             return MemoryBackend(settings.retained_events)
         from hub.dispatch.redis import RedisBackend, journal_for, open_redis
 
+        if redis is None and (settings.redis_url or "").startswith("redis+cluster://"):
+            return self._cluster_backend(settings, settings.redis_url or "")
         owns = redis is None
         client = redis if redis is not None else open_redis(
             settings.redis_url or "", settings.redis_max_connections)
@@ -129,6 +131,20 @@ class Hub:
             on_health=self._redis_health,
             on_malformed=self.metrics.malformed_entries.inc,
         )
+
+    def _cluster_backend(self, settings: Settings, url: str) -> Backend:
+        """The event stream sharded over a Redis Cluster (hub.dispatch.cluster)."""
+        from hub.dispatch.cluster import ShardedBackend, open_cluster
+
+        return ShardedBackend.build(
+            open_cluster(url, settings.redis_max_connections), settings, url,
+            on_health=self._redis_health,
+            legacy_parser=self._parse_legacy,
+            on_reconnect=self.metrics.redis_reconnects.inc,
+            on_journal_full=self.metrics.journal_full.inc,
+            on_legacy=lambda result: self.metrics.legacy.labels(result).inc(),
+            history_concurrency=settings.history_concurrency,
+            on_malformed=self.metrics.malformed_entries.inc)
 
     def _all_connections(self) -> Iterator[Subscriber]:
         yield from self.websocket.connections

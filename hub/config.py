@@ -301,11 +301,19 @@ class Settings:
                 raise ConfigError("JWT_PUBLIC_KEY is not a PEM public key")
         if self.redis_url is not None:
             scheme = urlsplit(self.redis_url).scheme
-            if scheme not in {"redis", "rediss", "unix", "redis+sentinel"}:
+            if scheme not in {"redis", "rediss", "unix", "redis+sentinel", "redis+cluster"}:
                 raise ConfigError(
-                    f"REDIS_URL must start with redis://, rediss://, unix:// or "
-                    f"redis+sentinel://, got {scheme + '://' if scheme else 'no scheme'}"
+                    f"REDIS_URL must start with redis://, rediss://, unix://, "
+                    f"redis+sentinel:// or redis+cluster://, got "
+                    f"{scheme + '://' if scheme else 'no scheme'}"
                 )
+            if scheme == "redis+cluster":
+                from hub.dispatch.cluster import parse_cluster_url
+
+                try:
+                    parse_cluster_url(self.redis_url)
+                except ValueError as exc:
+                    raise ConfigError(f"REDIS_URL: {exc}") from None
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
                      "max_connections_per_user", "refusal_limit",

@@ -57,6 +57,12 @@ class Publisher:
         self._owns = redis is None
         self.redis = redis if redis is not None else open_redis(redis_url or "")
         self._key = stream_key
+        self._shard_keys: list[str] = []  # a cluster: the stream of each shard
+        if (redis_url or "").startswith("redis+cluster://"):
+            from hub.dispatch.cluster import DEFAULT_SHARDS, parse_cluster_url, shard_keys
+
+            shards = parse_cluster_url(redis_url or "")[1].get("shards", DEFAULT_SHARDS)
+            self._shard_keys = shard_keys(stream_key, shards)
         self._maxlen = history_size
         self._lenient = lenient
         self._types = EventTypes(extra_event_types, open_types=lenient, max_types=1_000)
@@ -86,9 +92,14 @@ class Publisher:
                       data=clean)
         deadline = time.monotonic() + self._retry_for_s
         backoff = Backoff(base=0.05, cap=2.0)
+        key = self._key
+        if self._shard_keys:
+            from hub.dispatch.cluster import shard_of
+
+            key = self._shard_keys[shard_of(name, len(self._shard_keys))]
         while True:
             try:
-                outcome, detail = await append_event(self._script, self._key, self._maxlen,
+                outcome, detail = await append_event(self._script, key, self._maxlen,
                                                      event, self._origin, relocate=False)
             except (RedisError, OSError) as exc:
                 delay = backoff.next_delay()

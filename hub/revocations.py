@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 
 from hub.backoff import Backoff
 
@@ -160,14 +161,19 @@ class Revocations:
                                 instance_id=self._settings.instance_id, reason=reason)
         if self._redis is not None:
             raw = orjson.dumps(revocation.as_dict())
+            # A cluster client refuses PUBLISH in a pipeline: it goes after the hash there.
+            cluster = isinstance(self._redis, RedisCluster)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._hash, revocation.key, raw)
                 # The whole hash expires with its newest entry (entries past their own
                 # expiry are dropped when read).
                 pipe.expire(self._hash, int(self._lifetime) + 1)
-                pipe.publish(self._channel, raw)
+                if not cluster:
+                    pipe.publish(self._channel, raw)
                 try:
                     await asyncio.wait_for(pipe.execute(), 5)
+                    if cluster:
+                        await asyncio.wait_for(self._redis.publish(self._channel, raw), 5)
                 except TimeoutError:
                     raise OSError("Redis did not answer within 5 s") from None
         audit.warning("revocation: %s %s revoked by %s on %s%s", kind.value, value, by,

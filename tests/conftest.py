@@ -120,6 +120,148 @@ class RedisServer:
         return redis_sync.Redis(port=self.port)
 
 
+def wait_redis(port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """Until the redis-server on ``port`` answers PING (or its process exits)."""
+    client = redis_sync.Redis(port=port, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            client.close()
+            return
+        except redis_sync.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis on {port} did not start") from None
+            time.sleep(0.02)
+
+
+def cluster_port() -> int:
+    """A free port for a cluster node: at most 55535 (its bus listens 10000 higher, and
+    must be free too)."""
+    import random
+
+    while True:
+        port = random.randint(20000, 45000)
+        with contextlib.ExitStack() as stack:
+            try:
+                for candidate in (port, port + 10000):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return port
+
+
+@dataclass
+class RedisClusterNodes:
+    """A local Redis Cluster: ``masters`` masters with ``replicas`` replica each, real
+    ``redis-server --cluster-enabled yes`` processes on free ports. A node killed can be
+    started again on its port and state (it rejoins, as a replica if it was failed over)."""
+
+    masters: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = 1000
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hub-cluster-")))
+    ports: list[int] = field(default_factory=list)
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def start_node(self, port: int) -> None:
+        directory = self.workdir / str(port)
+        directory.mkdir(exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--save", "",
+             "--appendonly", "no", "--dir", str(directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_redis(port, self.processes[port])
+
+    def start(self) -> None:
+        self.ports = [cluster_port() for _ in range(self.masters * (1 + self.replicas))]
+        for port in self.ports:
+            self.start_node(port)
+        cli = shutil.which("redis-cli", path="/usr/bin") or shutil.which("redis-cli") or ""
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every running node says ``cluster_state:ok`` and every replica has
+        synced with its master (``master_link_status:up``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for port, process in self.processes.items():
+                if process.poll() is not None:
+                    continue
+                with contextlib.suppress(redis_sync.RedisError):
+                    client = redis_sync.Redis(port=port, socket_timeout=1)
+                    info = client.cluster("info")
+                    replication = client.info("replication")
+                    client.close()
+                    states.append(info.get("cluster_state") == "ok" and (
+                        replication["role"] == "master"
+                        or replication.get("master_link_status") == "up"))
+            if states and all(states):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def roles(self) -> dict[int, str]:
+        """port -> "master" or "slave", for the nodes that answer."""
+        out = {}
+        for port, process in self.processes.items():
+            if process.poll() is not None:
+                continue
+            with contextlib.suppress(redis_sync.RedisError):
+                client = redis_sync.Redis(port=port, socket_timeout=1)
+                out[port] = client.info("replication")["role"]
+                client.close()
+        return out
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving ``key``'s slot now."""
+        for port, role in self.roles().items():
+            if role != "master":
+                continue
+            client = redis_sync.Redis(port=port, socket_timeout=1)
+            slot = client.cluster("keyslot", key)
+            ranges = client.cluster("slots")
+            client.close()
+            for start, end, master, *_ in ranges:
+                if start <= slot <= end:
+                    return int(master[1])
+        raise RuntimeError(f"no master serves {key}")
+
+    def replica_of(self, master_port: int) -> int:
+        for port, role in self.roles().items():
+            if role == "slave":
+                client = redis_sync.Redis(port=port, socket_timeout=1)
+                master = client.info("replication").get("master_port")
+                client.close()
+                if master == master_port:
+                    return port
+        raise RuntimeError(f"no replica of {master_port}")
+
+    def kill(self, port: int) -> None:
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One private Redis for the session; tests isolate themselves with unique keys."""

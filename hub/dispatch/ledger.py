@@ -144,11 +144,15 @@ class Ledger:
         self._new_pending += taken
         return taken
 
-    def spool(self, event: Event) -> None:
+    def spool(self, event: Event) -> bool:
         """``event`` takes the pending path: delivered now (by the caller), appended later.
-        Call :meth:`take_over` first and deliver what it returns ahead of ``event``."""
+        Call :meth:`take_over` first and deliver what it returns ahead of ``event``.
+        Returns False when the reader delivered it already (an append that ran but whose
+        outcome was not confirmed, e.g. by a replica): appended again, not delivered."""
+        fresh = event.id not in self.seen
         self._see(event.id)
         self.pending.append(event)
+        return fresh
 
     def adopt(self, events: Iterable[Event]) -> None:
         """Events a stopped or crashed instance left in its journal: append them; the reader

@@ -132,6 +132,12 @@ def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
         "socket_timeout": SOCKET_TIMEOUT_S,
         "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         "retry_on_error": [RedisConnectionError]}
+    if url.startswith("redis+cluster://"):
+        from hub.dispatch.cluster import open_cluster  # its module imports this one
+
+        # The commands hub sends work on both (each touches one slot).
+        cluster: aioredis.Redis = open_cluster(url, max_connections)  # type: ignore[assignment]
+        return cluster
     if url.startswith("redis+sentinel://"):
         sentinels, service, kwargs = parse_sentinel_url(url)
         # The same bounds for the master's connections (a frozen master must fail calls as
@@ -355,10 +361,11 @@ class RedisBackend(Backend):
                     log.error("outage journal full (%d events): refusing publishes (503) "
                               "until redis takes them", len(self.journal))
                 raise
-        ledger.spool(event)
+        fresh = ledger.spool(event)
         event.shared = False
         self._wake_flusher()
-        self._deliver_local(event)
+        if fresh:
+            self._deliver_local(event)
         return event
 
     async def _append_normal(self, chosen: list[Event]) -> None:
@@ -368,10 +375,8 @@ class RedisBackend(Backend):
         command in flight carries."""
         for _ in range(100):
             event = chosen[0]
-            outcome, detail = await asyncio.wait_for(
-                append_event(self._append_script, self._key, self._maxlen, event,
-                             self._instance_id, relocate=False, epoch=self._epoch),
-                COMMAND_TIMEOUT_S)
+            outcome, detail = await asyncio.wait_for(self._append(event, relocate=False),
+                                                     COMMAND_TIMEOUT_S)
             if outcome == "reset":
                 await self._check_epoch()
                 raise RedisError("redis lost its data: appending recent events again first")
@@ -381,6 +386,11 @@ class RedisBackend(Backend):
             chosen[0] = Event(id=self.ledger.new_id(_now_ms()), type=event.type,
                               timestamp=event.timestamp, data=event.data)
         raise RedisError("the stream kept moving past every proposed id")
+
+    async def _append(self, event: Event, *, relocate: bool) -> tuple[str, str]:
+        """One run of the append script (``hub.dispatch.scripts.APPEND``) for ``event``."""
+        return await append_event(self._append_script, self._key, self._maxlen, event,
+                                  self._instance_id, relocate=relocate, epoch=self._epoch)
 
     def _wrote(self, error: BaseException | None) -> None:
         if error is None:
@@ -421,10 +431,8 @@ class RedisBackend(Backend):
             while self.ledger.pending:
                 event = self.ledger.pending[0]
                 try:
-                    outcome, _ = await asyncio.wait_for(append_event(
-                        self._append_script, self._key, self._maxlen, event,
-                        self._instance_id, relocate=True, epoch=self._epoch),
-                        COMMAND_TIMEOUT_S)
+                    outcome, _ = await asyncio.wait_for(self._append(event, relocate=True),
+                                                        COMMAND_TIMEOUT_S)
                     if outcome == "reset":
                         await self._check_epoch()
                         continue
