@@ -93,6 +93,7 @@ def journal_for(settings: Settings, client: Any) -> Journal:
 # A command that finds every pooled connection in use waits this long for one (redis-py's
 # default pool raises at once: a burst of resumes was refused for lack of connections).
 POOL_WAIT_S = 2.0
+STOP_WAIT_S = 5.0  # how long stop() waits for its cancelled loops
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, dict[str, Any]]:
@@ -259,7 +260,8 @@ class RedisBackend(Backend):
                 self._legacy_pubsub = await self._subscribe_legacy()
             loops["legacy"] = self._read_legacy
         for name, loop in loops.items():
-            self.loops[name] = asyncio.create_task(self._supervise(loop, name))
+            self.loops[name] = asyncio.create_task(self._supervise(loop, name),
+                                                    name=f"redis-{name}")
 
     async def drain(self, timeout: float) -> None:
         """Graceful stop: give the flusher up to ``timeout`` to empty the journal; log what
@@ -277,7 +279,16 @@ class RedisBackend(Backend):
     async def stop(self) -> None:
         for task in self.loops.values():
             task.cancel()
-        await asyncio.gather(*self.loops.values(), return_exceptions=True)
+        if self.loops:
+            # Bounded: a task cancelled inside a blocking XREAD has been seen never to
+            # finish (the cancellation lost in redis-py); shutdown must not hang on it.
+            done, stuck = await asyncio.wait(self.loops.values(), timeout=STOP_WAIT_S)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a loop's last error was logged by it
+            for task in stuck:
+                log.warning("redis loop %s did not stop within %.0fs of its cancellation; "
+                            "leaving it", task.get_name(), STOP_WAIT_S)
         self.loops.clear()
         if self.journal is not None:
             self.journal.close()
