@@ -24,6 +24,7 @@ from engineio import packet as eio_packet
 from hub._compat import CompatError
 from hub._compat import engineio as eio_compat
 from hub._compat import uvicorn as uvicorn_compat
+from hub._compat.uvicorn_protocols import LeanFlag, LeanInbox
 from hub.transports.frames import SEND_KEY
 from tests.conftest import SECRET, RunningHub, make_token, start_hub_process, stop_process
 from tests.helpers import THREAT, connected, recv_type, wait_until
@@ -77,6 +78,30 @@ def test_uvicorn_protocols_hub_extends_have_what_it_overrides() -> None:
     expect(hasattr(httptools, "HttpRequestParser"), "httptools", "HttpRequestParser exists")
 
 
+def test_uvicorn_uses_only_what_hubs_lean_queue_and_flag_have() -> None:
+    """HubWebSocketProtocol swaps uvicorn's per-connection ``asyncio.Queue`` and
+    ``asyncio.Event`` (about 4 KB on every idle connection) for LeanInbox and LeanFlag,
+    and its ``receive`` for the inbox's ``get``: uvicorn must use nothing else of them,
+    and its ``receive`` must do nothing but that get and resuming a paused read."""
+    import re
+
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    source = inspect.getsource(WebSocketsSansIOProtocol)
+    for attribute, lean in (("queue", LeanInbox), ("writable", LeanFlag)):
+        used = set(re.findall(rf"self\.{attribute}\.(\w+)", source))
+        expect(used and used <= set(dir(lean)), "uvicorn",
+               f"WebSocketsSansIOProtocol uses {sorted(used)} of self.{attribute} "
+               f"({lean.__name__} has what it uses)")
+    receive = inspect.getsource(WebSocketsSansIOProtocol.receive)
+    expect(set(re.findall(r"self\.(\w+)", receive)) <= {"queue", "read_paused", "transport"}
+           and "resume_reading" in receive, "uvicorn",
+           "WebSocketsSansIOProtocol.receive is queue.get() and resuming a paused read")
+    init = inspect.getsource(WebSocketsSansIOProtocol.__init__)
+    expect("self.queue" in init and "self.writable" in init, "uvicorn",
+           "WebSocketsSansIOProtocol.__init__ makes queue and writable (hub replaces them)")
+
+
 async def _protocol(hub: RunningHub) -> tuple[Any, Any]:
     ws = await connected(hub.ws_url, make_token())
     await wait_until(lambda: hub.hub.websocket.connections, what="the connection")
@@ -95,8 +120,10 @@ async def test_uvicorn_send_is_the_sansio_protocol_with_what_hub_uses(
     ws, protocol = await _protocol(memory_hub)
     for name in uvicorn_compat.ATTRIBUTES:
         expect(hasattr(protocol, name), "uvicorn", f"the sans-I/O protocol has {name!r}")
-    expect(isinstance(protocol.writable, asyncio.Event), "uvicorn",
-           "protocol.writable is an asyncio.Event")
+    expect(isinstance(protocol.writable, LeanFlag), "uvicorn",
+           "protocol.writable is hub's LeanFlag (in place of uvicorn's asyncio.Event)")
+    expect(isinstance(protocol.queue, LeanInbox), "uvicorn",
+           "protocol.queue is hub's LeanInbox (in place of uvicorn's asyncio.Queue)")
     for method in ("write", "is_closing", "abort"):
         expect(callable(getattr(protocol.transport, method, None)), "uvicorn",
                f"protocol.transport has {method}()")

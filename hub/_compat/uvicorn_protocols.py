@@ -34,7 +34,8 @@ import ipaddress
 import logging
 import resource
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -420,6 +421,96 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._linger = self.loop.call_later(self.limits.close_timeout_s, transport.abort)
 
 
+class LeanInbox:
+    """What uvicorn's WebSocket protocol uses of the ``asyncio.Queue`` of messages for the
+    application (``put_nowait``, ``get``, ``empty``, ``qsize``), without its cost on an idle
+    connection: an ``asyncio.Queue`` is three deques and an Event (about 3 KB), this holds
+    nothing but the future the application's pending ``receive`` waits on. ``drained`` runs
+    when ``get`` takes the last message (uvicorn's ``receive`` resumes reading then)."""
+
+    __slots__ = ("_drained", "_items", "_waiters")
+
+    def __init__(self, drained: Callable[[], None] | None = None) -> None:
+        self._items: deque[Any] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+        self._drained = drained
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter  # put_nowait wakes every reader; the first takes the item
+            finally:
+                if self._waiters is not None and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        items = self._items
+        item = items.popleft()
+        if not items:
+            self._items = None  # an empty deque is ~600 bytes; most connections idle
+            if self._drained is not None:
+                self._drained()
+        return item
+
+
+class LeanFlag:
+    """What uvicorn's protocol and hub's frame sink use of the ``asyncio.Event``
+    ``writable`` (``is_set``, ``set``, ``clear``, ``wait``): waiters are a list made only
+    while someone waits (under backpressure), not a deque on every connection."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self, value: bool = True) -> None:
+        self._set = value
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return True
+
+
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol whose closes are bounded in time.
 
@@ -437,6 +528,23 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(config, server_state, app_state, _loop)
         grace = config.limits.close_timeout_s if isinstance(config, HubConfig) else 5.0
         self.close_timeout = grace
+        # Memory per idle connection (README "Performance"): uvicorn's asyncio.Queue and
+        # asyncio.Event, replaced by what it uses of them (tests/test_compat.py checks
+        # that this is all it uses).
+        self.queue = LeanInbox(self._drained)  # type: ignore[assignment]
+        self.writable = LeanFlag(True)  # type: ignore[assignment]
+
+    def _drained(self) -> None:
+        # uvicorn's receive(): reading resumes once the application took every message.
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def receive(self) -> Awaitable[Any]:  # type: ignore[override]
+        # uvicorn's receive() is a coroutine around queue.get() that resumes reading when
+        # the queue is empty; LeanInbox does that itself (``_drained``), so the pending
+        # receive of an idle connection is one coroutine frame, not two.
+        return self.queue.get()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -467,6 +575,19 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
             self._close_now(message.get("code", 1000), message.get("reason", "") or "")
             return
         await super().send(message)
+        if self.handshake_complete and getattr(self, "request", None) is not None:
+            self._forget_handshake()
+
+    def _forget_handshake(self) -> None:
+        """The handshake is over: its parsed request and response (~2.5 KB of headers)
+        are read by nobody any more; the ASGI scope keeps the request's headers. The
+        websockets parser's generator frame keeps the request object itself for the
+        connection's life, so its headers are emptied in place, not just dropped."""
+        for message in (self.request, getattr(self, "response", None)):
+            headers = getattr(message, "headers", None)
+            if headers is not None:
+                headers.clear()
+        self.request = self.response = None  # type: ignore[assignment]
 
     def _close_now(self, code: int, reason: str) -> None:
         # uvicorn's close branch of send(), without its wait for `writable`.
