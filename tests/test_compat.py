@@ -24,7 +24,7 @@ from engineio import packet as eio_packet
 from hub._compat import CompatError
 from hub._compat import engineio as eio_compat
 from hub._compat import uvicorn as uvicorn_compat
-from hub._compat.uvicorn_protocols import LeanFlag, LeanInbox
+from hub._compat.lean import LeanFlag, LeanInbox
 from hub.transports.frames import SEND_KEY
 from tests.conftest import SECRET, RunningHub, make_token, start_hub_process, stop_process
 from tests.helpers import THREAT, connected, recv_type, wait_until
@@ -275,7 +275,7 @@ async def test_socketio_queues_connect_before_manager_connect(memory_hub: Runnin
     def record(sid: str) -> None:
         eio_sid = manager.eio_sid_from_sid(sid, "/")
         sock = eio_compat.socket(transport.sio.eio, eio_sid)
-        seen.append([p.encode() for p in list(sock.queue._queue)] if sock else [])
+        seen.append([p.encode() for p in sock.queue.items()] if sock else [])
         original(sid)
 
     manager.on_connected = record

@@ -34,8 +34,8 @@ import ipaddress
 import logging
 import resource
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -46,6 +46,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
+from hub._compat.lean import LeanFlag, LeanInbox
 from hub.auth import PEER_KEY  # the TCP peer's address, in every HTTP and WebSocket scope
 from hub.closing import ClosingTransport, closing_transport
 from hub.config import Settings
@@ -419,96 +420,6 @@ class HubHttpProtocol(HttpToolsProtocol):
         if transport.can_write_eof():
             transport.write_eof()  # the client reads the answer, then EOF
         self._linger = self.loop.call_later(self.limits.close_timeout_s, transport.abort)
-
-
-class LeanInbox:
-    """What uvicorn's WebSocket protocol uses of the ``asyncio.Queue`` of messages for the
-    application (``put_nowait``, ``get``, ``empty``, ``qsize``), without its cost on an idle
-    connection: an ``asyncio.Queue`` is three deques and an Event (about 3 KB), this holds
-    nothing but the future the application's pending ``receive`` waits on. ``drained`` runs
-    when ``get`` takes the last message (uvicorn's ``receive`` resumes reading then)."""
-
-    __slots__ = ("_drained", "_items", "_waiters")
-
-    def __init__(self, drained: Callable[[], None] | None = None) -> None:
-        self._items: deque[Any] | None = None
-        self._waiters: list[asyncio.Future[None]] | None = None
-        self._drained = drained
-
-    def qsize(self) -> int:
-        return len(self._items) if self._items else 0
-
-    def empty(self) -> bool:
-        return not self._items
-
-    def put_nowait(self, item: Any) -> None:
-        if self._items is None:
-            self._items = deque()
-        self._items.append(item)
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def get(self) -> Any:
-        while not self._items:
-            waiter = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-            try:
-                await waiter  # put_nowait wakes every reader; the first takes the item
-            finally:
-                if self._waiters is not None and waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        items = self._items
-        item = items.popleft()
-        if not items:
-            self._items = None  # an empty deque is ~600 bytes; most connections idle
-            if self._drained is not None:
-                self._drained()
-        return item
-
-
-class LeanFlag:
-    """What uvicorn's protocol and hub's frame sink use of the ``asyncio.Event``
-    ``writable`` (``is_set``, ``set``, ``clear``, ``wait``): waiters are a list made only
-    while someone waits (under backpressure), not a deque on every connection."""
-
-    __slots__ = ("_set", "_waiters")
-
-    def __init__(self, value: bool = True) -> None:
-        self._set = value
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        if self._set:
-            return
-        self._set = True
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._set = False
-
-    async def wait(self) -> bool:
-        if self._set:
-            return True
-        waiter = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
-        return True
 
 
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
