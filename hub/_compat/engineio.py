@@ -209,7 +209,7 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
                 server.logger.exception("Unknown receive error")
         queue.put_nowait(None)  # the writer sends what is queued, then closes
         writer = self._hub_writer
-        if writer is not None:
+        if writer is not None and not writer.done():
             await asyncio.wait((writer,))
         queue.on_put = None
         await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
@@ -223,6 +223,13 @@ class HubSocket(AsyncSocket):  # type: ignore[misc]
     async def _write(self) -> None:
         # engine.io's writer, run only while packets wait: each batch in order; None
         # (the end) or a failed send closes the WebSocket.
+        try:
+            await self._write_queued()
+        finally:
+            if self._hub_writer is asyncio.current_task():
+                self._hub_writer = None  # a finished task is ~0.7 KB kept for nothing
+
+    async def _write_queued(self) -> None:
         queue: LeanQueue = self.queue
         ws = self._hub_ws
         while not queue.empty():
