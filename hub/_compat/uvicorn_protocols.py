@@ -34,6 +34,7 @@ import ipaddress
 import logging
 import resource
 import time
+import weakref
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -422,6 +423,55 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._linger = self.loop.call_later(self.limits.close_timeout_s, transport.abort)
 
 
+# What uvicorn's WebSocket protocol sets on every connection to the same object for every
+# connection of a server (its config and what comes from it, the server's shared state).
+# Kept once on a per-server class instead of in each instance's dict: without them the
+# instance dict stays small enough for CPython to share its keys across connections
+# (a split dict), about 1.3 KB less on each (tests/test_compat.py checks the names).
+PER_SERVER = ("config", "app", "loop", "logger", "root_path", "asgi_version", "app_state",
+              "connections", "tasks", "default_headers", "ping_interval", "ping_timeout")
+_MISSING = object()
+
+
+class _PerServer:
+    """A data descriptor for one of :data:`PER_SERVER`: the first connection's value is
+    the class's; a connection that sets another (none does) keeps its own, aside."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        if obj is None:
+            return self
+        if owner._hub_overrides:  # type: ignore[attr-defined]
+            own = owner._hub_overrides.get(obj)  # type: ignore[attr-defined]
+            if own is not None and self.name in own:
+                return own[self.name]
+        try:
+            return owner._hub_shared[self.name]  # type: ignore[attr-defined]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        cls = type(obj)
+        shared = cls._hub_shared
+        current = shared.get(self.name, _MISSING)
+        if current is _MISSING:
+            shared[self.name] = value
+        elif current is not value:
+            cls._hub_overrides.setdefault(obj, {})[self.name] = value
+
+
+def per_server_class(base: type[HubWebSocketProtocol]) -> type[HubWebSocketProtocol]:
+    """A subclass of ``base`` for one server (one uvicorn Config)."""
+    namespace: dict[str, Any] = {name: _PerServer(name) for name in PER_SERVER}
+    namespace["_hub_shared"] = {}
+    namespace["_hub_overrides"] = weakref.WeakKeyDictionary()
+    return type(base.__name__, (base,), namespace)
+
+
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol whose closes are bounded in time.
 
@@ -515,4 +565,4 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 def hub_config(app: Any, settings: Settings, **kwargs: Any) -> HubConfig:
     """A uvicorn config that runs ``app`` behind hub's protocols and limits."""
     return HubConfig(app, limits=Limits.from_settings(settings), http=HubHttpProtocol,
-                     ws=HubWebSocketProtocol, **kwargs)
+                     ws=per_server_class(HubWebSocketProtocol), **kwargs)

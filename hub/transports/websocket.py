@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -84,6 +84,10 @@ class PlainConnection(OutboxSubscriber):
     def frame_path(self) -> str:
         """How its events reach the transport (for the hub_frame_path_connections metric)."""
         return self.outbox.path.value
+
+    def expired(self) -> None:
+        """Its token expired (hub.connection.TokenLifetime)."""
+        self.abort(CloseCode.UNAUTHORIZED, "token expired")
 
     def close_after_error(self) -> None:
         """A send to it failed (see Dispatcher._deliver): close it."""
@@ -158,9 +162,10 @@ class PlainTransport:
         self.hub = hub
         self.connections: set[PlainConnection] = set()
 
-    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The endpoint as a bare ASGI app (what HubApp dispatches to without routing)."""
-        await self.endpoint(WebSocket(scope, receive, send))
+    def asgi(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The endpoint as a bare ASGI app (what HubApp dispatches to without routing):
+        the endpoint's own coroutine, so an open connection's stack has one frame less."""
+        return self.endpoint(WebSocket(scope, receive, send))
 
     async def endpoint(self, websocket: WebSocket) -> None:
         hub = self.hub
@@ -221,7 +226,7 @@ class PlainTransport:
         })
         conn.lifetime = TokenLifetime(
             conn, leeway=hub.verifier.leeway, lead=hub.settings.token_expiring_lead_s,
-            expire=lambda: conn.abort(CloseCode.UNAUTHORIZED, "token expired"),
+            expire=conn.expired,
             notify=conn.send_control)
         revoked = hub.verifier.revoked
         if revoked is not None and revoked(principal):
