@@ -428,8 +428,9 @@ class HubHttpProtocol(HttpToolsProtocol):
 # Kept once on a per-server class instead of in each instance's dict: without them the
 # instance dict stays small enough for CPython to share its keys across connections
 # (a split dict), about 1.3 KB less on each (tests/test_compat.py checks the names).
+# (Not ``default_headers``: uvicorn's server replaces that list every second, for the Date.)
 PER_SERVER = ("config", "app", "loop", "logger", "root_path", "asgi_version", "app_state",
-              "connections", "tasks", "default_headers", "ping_interval", "ping_timeout")
+              "connections", "tasks", "ping_interval", "ping_timeout")
 _MISSING = object()
 
 
@@ -470,6 +471,12 @@ def per_server_class(base: type[HubWebSocketProtocol]) -> type[HubWebSocketProto
     namespace["_hub_shared"] = {}
     namespace["_hub_overrides"] = weakref.WeakKeyDictionary()
     return type(base.__name__, (base,), namespace)
+
+
+_SHARED_SCOPE: dict[str, Any] = {
+    "asgi": {"version": "3.0", "spec_version": "2.4"},
+    "extensions": {"websocket.http.response": {}},
+}
 
 
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -526,8 +533,14 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
-        if scope is not None and self.client:
-            scope[PEER_KEY] = self.client[0]
+        if scope is not None:
+            # The same small dicts on every connection's scope (~0.4 KB): one copy, read
+            # only (nothing in hub or the ASGI libraries it runs writes to them).
+            for key, shared in _SHARED_SCOPE.items():
+                if scope.get(key) == shared:
+                    scope[key] = shared
+            if self.client:
+                scope[PEER_KEY] = self.client[0]
 
     async def send(self, message: Any) -> None:
         if (message["type"] == "websocket.close" and not self.writable.is_set()

@@ -264,7 +264,9 @@ class PlainTransport:
 
     async def _read(self, websocket: WebSocket, conn: PlainConnection) -> None:
         settings = self.hub.settings
-        bucket = TokenBucket(settings.client_rate, settings.client_burst)
+        # Made at the first message: a full bucket then is what one made at connect would
+        # hold by then (it refills up to the burst), and an idle connection holds none.
+        bucket: TokenBucket | None = None
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -284,6 +286,8 @@ class PlainTransport:
             if len(text) > settings.max_message_bytes:
                 conn.abort(CloseCode.MESSAGE_TOO_BIG, "message too big")
                 continue
+            if bucket is None:
+                bucket = TokenBucket(settings.client_rate, settings.client_burst)
             if not bucket.take():
                 conn.abort(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
                 continue
