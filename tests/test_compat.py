@@ -239,6 +239,51 @@ async def test_engineio_upgrade_flags_follow_the_upgrade(memory_hub: RunningHub)
 
 
 # -- python-socketio --------------------------------------------------------------------
+def test_engineio_internals_the_lean_session_replaces() -> None:
+    """hub/_compat/engineio.py's LeanEngineIOServer and HubSocket (memory per idle
+    session): what they replace must be where and what they expect."""
+    import re
+
+    from engineio import async_server, async_socket, base_socket
+
+    from hub._compat.lean import LeanQueue
+
+    expect("self.queue = self.server.create_queue()" in inspect.getsource(base_socket),
+           "python-engineio", "a socket makes its queue with server.create_queue()")
+    used: set[str] = set()
+    for module in (async_server, async_socket, base_socket, eio_compat):
+        used |= set(re.findall(r"\.queue\.(\w+)", inspect.getsource(module)))
+    expect(used and used <= set(dir(LeanQueue)), "python-engineio",
+           f"engine.io and hub use {sorted(used)} of a socket's queue (LeanQueue has them)")
+    connect = inspect.getsource(async_server.AsyncServer._handle_connect)
+    made, registered = (connect.find("async_socket.AsyncSocket(self, sid)"),
+                        connect.find("self.sockets[sid] = s"))
+    expect(0 <= made < registered < connect.find("s.schedule_ping()")
+           and registered < connect.find("handle_get_request"), "python-engineio",
+           "_handle_connect makes AsyncSocket(self, sid) and registers it in sockets[sid] "
+           "before pinging or serving it (where it becomes a HubSocket)")
+    for name in ("schedule_ping", "close", "_websocket_handler", "receive", "send"):
+        expect(callable(getattr(async_socket.AsyncSocket, name, None)), "python-engineio",
+               f"AsyncSocket.{name} exists (HubSocket overrides or calls it)")
+    expect(list(inspect.signature(async_socket.AsyncSocket.close).parameters)
+           == ["self", "wait", "abort", "reason"], "python-engineio",
+           "AsyncSocket.close(wait, abort, reason)")
+    ping = inspect.getsource(async_socket.AsyncSocket._send_ping)
+    expect("sleep(self.server.ping_interval)" in ping and "packet.PING" in ping,
+           "python-engineio", "a ping is a PING sent ping_interval after the last pong")
+    handler = inspect.getsource(async_socket.AsyncSocket._websocket_handler)
+    for step in ("'probe'", "packet.UPGRADE", "self.upgraded = True", "self.receive(pkt)",
+                 "await self.queue.put(None)", "reason=self.server.reason.TRANSPORT_CLOSE"):
+        expect(step in handler, "python-engineio",
+               f"AsyncSocket._websocket_handler has {step} (HubSocket's copies its steps)")
+    server = socketio.AsyncServer()
+    expect(callable(getattr(server, "_engineio_server_class", None)), "python-socketio",
+           "AsyncServer._engineio_server_class chooses the engine.io server")
+    eio = eio_compat.LeanEngineIOServer(async_mode="asgi")
+    expect(callable(eio._async.get("translate_request")), "python-engineio",
+           "the asgi driver's translate_request is in AsyncServer._async")
+
+
 def test_socketio_server_hooks_hub_overrides() -> None:
     for name, params in (("_handle_eio_connect", ["eio_sid", "environ"]),
                          ("_handle_eio_message", ["eio_sid", "data"]),
