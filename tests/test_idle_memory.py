@@ -76,3 +76,41 @@ async def test_an_idle_socketio_connection_runs_only_its_asgi_task(
     for client in clients:
         await client.close()
 
+
+
+async def test_lean_inbox_and_queue_behave_as_the_asyncio_ones_they_replace() -> None:
+    from hub._compat.lean import LeanFlag, LeanInbox, LeanQueue
+
+    drained: list[bool] = []
+    inbox = LeanInbox(lambda: drained.append(True))
+    reader = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    cancelled = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    inbox.put_nowait("a")
+    inbox.put_nowait("b")
+    assert await reader == "a" and not drained
+    assert await inbox.get() == "b" and drained == [True]
+    assert inbox.empty() and inbox._items is None and not inbox._waiters  # nothing held
+
+    queue = LeanQueue()
+    queue.put_nowait(1)
+    joined = asyncio.ensure_future(queue.join())
+    await asyncio.sleep(0)
+    assert queue.get_nowait() == 1 and not joined.done()
+    queue.task_done()
+    await asyncio.wait_for(joined, 5)
+    try:
+        queue.get_nowait()
+        raise AssertionError("an empty queue gave an item")
+    except asyncio.QueueEmpty:
+        pass
+
+    flag = LeanFlag(True)
+    flag.clear()
+    waiting = asyncio.ensure_future(flag.wait())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    flag.set()
+    assert await waiting is True and flag._waiters is None
