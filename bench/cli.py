@@ -25,7 +25,8 @@ from bench.report import table
 from bench.scenarios import SCENARIOS, Env, Sizes
 from bench.targets import BENCH, TARGETS, hub_available, node_modules_ok
 
-DEFAULT_SCENARIOS = ["burst", "steady", "capacity", "cross", "multicore", "revocation"]
+DEFAULT_SCENARIOS = ["burst", "steady", "capacity", "cross", "concurrent", "multicore",
+                     "revocation"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, help="steady, multicore: events per second")
     p.add_argument("--duration", type=float, help="steady, multicore: seconds")
     p.add_argument("--capacity", help="capacity: comma list of connection counts")
+    p.add_argument("--concurrent", type=int, help="concurrent: connections on one instance")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json")
     return p.parse_args(argv)
 
@@ -107,6 +109,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         sizes = replace(sizes, steady_rate=args.rate, multicore_rate=args.rate)
     if args.duration:
         sizes = replace(sizes, steady_seconds=args.duration, multicore_seconds=args.duration)
+    if args.concurrent:
+        sizes = replace(sizes, concurrent_clients=args.concurrent)
     if args.capacity:
         sizes = replace(sizes, capacity=tuple(int(x) for x in args.capacity.split(",")))
     return sizes

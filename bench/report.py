@@ -98,6 +98,25 @@ def table(results: list[dict[str, Any]]) -> str:
                 )
             )
         lines += _grid(rows)
+        # Side by side, the figure issue 16 asks for: idle memory per connection per target.
+        for n in sorted({r["clients"] for r in capacity if "error" not in r}):
+            side = [
+                f"{r['target']} {_f(r['rss_kib_per_conn'], '{:.1f}')} KiB"
+                for r in capacity
+                if r.get("clients") == n and "error" not in r
+            ]
+            lines.append(f"idle memory per connection at {n:,}: " + ", ".join(side))
+    concurrent = [r for r in delivery if r["scenario"] == "concurrent" and "error" not in r]
+    if concurrent:
+        lines.append(
+            "concurrent on one instance: "
+            + ", ".join(
+                f"{r['target']} {r['connected']:,}/{r['clients']:,} open, "
+                + ("every one got the event" if r["complete"] else "NOT every one got it")
+                + f" ({_f(r.get('rss_kib_per_conn'), '{:.1f}')} KiB/conn)"
+                for r in concurrent
+            )
+        )
     multicore = [r for r in results if r["scenario"] == "multicore"]
     if multicore:
         if lines:

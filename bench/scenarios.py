@@ -51,10 +51,15 @@ class Sizes:
     multicore_seconds: float = 20.0
     revocation_connections: int = 300  # of each transport
     revocation_rounds: int = 3
+    # One instance holding this many connections at once (the machine's descriptor limit
+    # is 20,000: the server and the load client each hold one per connection).
+    concurrent_clients: int = 15000
+    concurrent_events: int = 1
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(20, 20, 20, 5.0, 2.0, (20, 50), 20, 20, 0.5, 5000, 20, 5.0, 2.0, 5, 1)
+        return cls(20, 20, 20, 5.0, 2.0, (20, 50), 20, 20, 0.5, 5000, 20, 5.0, 2.0, 5, 1,
+                   50, 1)
 
 
 @dataclass
@@ -186,7 +191,7 @@ async def _deliver(
     )
     pub: Publisher = target.publisher(servers[0], env.redis_url, env.admin_token)
     try:
-        ready = await lc.read("ready", timeout=300)
+        ready = await lc.read("ready", timeout=900)
         probed = probe(servers) if probe else {}
         await pub.start()
         pids = [p.pid for p in servers]
@@ -257,11 +262,15 @@ async def _deliver(
     }
 
 
-async def _with_servers(target: Target, env: Env, n: int, tag: str, fn: Any) -> dict[str, Any]:
+async def _with_servers(
+    target: Target, env: Env, n: int, tag: str, fn: Any, max_clients: int = 0
+) -> dict[str, Any]:
     servers: list[Proc] = []
     try:
         for i in range(n):
-            servers.append(target.start(env.redis_url, env.secret, env.logdir, f"{tag}{i}"))
+            servers.append(
+                target.start(env.redis_url, env.secret, env.logdir, f"{tag}{i}", max_clients)
+            )
         result: dict[str, Any] = await fn(servers)
         for s in servers:
             if s.popen.poll() is not None:
@@ -427,6 +436,23 @@ async def multicore(target: Target, env: Env, sizes: Sizes) -> list[dict[str, An
     return rows
 
 
+async def concurrent(target: Target, env: Env, sizes: Sizes) -> dict[str, Any]:
+    """``concurrent_clients`` connections open at once on one instance, every one
+    subscribed, and one event that must reach each of them; resident memory with all open."""
+    n = sizes.concurrent_clients
+
+    async def run(servers: list[Proc]) -> dict[str, Any]:
+        rss0 = rss_bytes([p.pid for p in servers])
+        r = await _deliver(target, env, servers, n, sizes.concurrent_events, None, sizes)
+        r["rss_mb_before"] = rss0 / 2**20
+        r["rss_kib_per_conn"] = (
+            (r["rss_mb_after"] * 2**20 - rss0) / 1024 / r["connected"] if r["connected"] else None
+        )
+        return r
+
+    return await _with_servers(target, env, 1, "conc", run, max_clients=n + 100)
+
+
 SCENARIOS = {
     "burst": burst,
     "steady": steady,
@@ -434,4 +460,5 @@ SCENARIOS = {
     "cross": cross,
     "multicore": multicore,
     "revocation": revocation,
+    "concurrent": concurrent,
 }

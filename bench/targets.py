@@ -28,9 +28,14 @@ class Target:
     # runs a copy of the hub targets with workers=2.
     workers: int = 1
 
-    def start(self, redis_url: str, secret: str, logdir: Path, tag: str) -> Proc:
+    def start(
+        self, redis_url: str, secret: str, logdir: Path, tag: str, max_clients: int = 0
+    ) -> Proc:
         port = free_port()
         env = {"JWT_SECRET": secret, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        if max_clients and self.kind == "hub":
+            # hub caps connections per instance (HUB_MAX_CONNECTIONS, 10,000 by default).
+            env["HUB_MAX_CONNECTIONS"] = str(max_clients)
         log = logdir / f"{self.name}-{tag}.log"
         if self.kind == "node":
             argv = ["node", str(BENCH / "peers" / "node-socketio.js")]

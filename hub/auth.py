@@ -222,7 +222,7 @@ class TokenVerifier:
                                 code=ErrorCode.WRONG_CLAIMS)
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
-        roles = _roles(claims.get(self._role_claim)) | _roles(claims.get("roles"))
+        roles = _interned(_roles(claims.get(self._role_claim)) | _roles(claims.get("roles")))
         tenant = claims.get(self._tenant_claim)
         exp = claims.get("exp")
         iat = claims.get("iat")
@@ -245,6 +245,20 @@ def _kid(token: str) -> str | None:
     except (jwt.PyJWTError, ValueError, TypeError):
         return None
     return kid if isinstance(kid, str) else None
+
+
+_ROLE_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _interned(roles: frozenset[str]) -> frozenset[str]:
+    """One frozenset per distinct set of roles (~200 bytes on every connection's principal
+    otherwise); bounded, since tokens choose their roles."""
+    known = _ROLE_SETS.get(roles)
+    if known is not None:
+        return known
+    if len(_ROLE_SETS) < 256:
+        _ROLE_SETS[roles] = roles
+    return roles
 
 
 def _roles(value: object) -> frozenset[str]:

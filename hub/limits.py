@@ -35,6 +35,8 @@ class ConnectionLimits:
 class TokenBucket:
     """``rate`` messages a second on average, bursts of up to ``burst``."""
 
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, float(burst)
         self.tokens = float(burst)

@@ -68,10 +68,11 @@ def _run_quick(targets: list[str], scenarios: list[str], out: Path) -> dict[str,
 def test_quick_bench_delivers_everything(target: str, node_deps: None, tmp_path: Path) -> None:
     if target.startswith("hub") and not _hub_runnable():
         pytest.skip("hub/__main__.py does not exist yet: `python -m hub serve` cannot run")
-    report = _run_quick([target], ["burst", "steady", "capacity", "cross"], tmp_path / "r.json")
+    scenarios = ["burst", "steady", "capacity", "cross", "concurrent"]
+    report = _run_quick([target], scenarios, tmp_path / "r.json")
     results = report["results"]
     assert isinstance(results, list)
-    assert {r["scenario"] for r in results} == {"burst", "steady", "capacity", "cross"}
+    assert {r["scenario"] for r in results} == set(scenarios)
     for r in results:
         assert "error" not in r, r
         assert r["complete"], r

@@ -24,6 +24,7 @@ from engineio import packet as eio_packet
 from hub._compat import CompatError
 from hub._compat import engineio as eio_compat
 from hub._compat import uvicorn as uvicorn_compat
+from hub._compat.lean import LeanFlag, LeanInbox
 from hub.transports.frames import SEND_KEY
 from tests.conftest import SECRET, RunningHub, make_token, start_hub_process, stop_process
 from tests.helpers import THREAT, connected, recv_type, wait_until
@@ -77,6 +78,30 @@ def test_uvicorn_protocols_hub_extends_have_what_it_overrides() -> None:
     expect(hasattr(httptools, "HttpRequestParser"), "httptools", "HttpRequestParser exists")
 
 
+def test_uvicorn_uses_only_what_hubs_lean_queue_and_flag_have() -> None:
+    """HubWebSocketProtocol swaps uvicorn's per-connection ``asyncio.Queue`` and
+    ``asyncio.Event`` (about 4 KB on every idle connection) for LeanInbox and LeanFlag,
+    and its ``receive`` for the inbox's ``get``: uvicorn must use nothing else of them,
+    and its ``receive`` must do nothing but that get and resuming a paused read."""
+    import re
+
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    source = inspect.getsource(WebSocketsSansIOProtocol)
+    for attribute, lean in (("queue", LeanInbox), ("writable", LeanFlag)):
+        used = set(re.findall(rf"self\.{attribute}\.(\w+)", source))
+        expect(used and used <= set(dir(lean)), "uvicorn",
+               f"WebSocketsSansIOProtocol uses {sorted(used)} of self.{attribute} "
+               f"({lean.__name__} has what it uses)")
+    receive = inspect.getsource(WebSocketsSansIOProtocol.receive)
+    expect(set(re.findall(r"self\.(\w+)", receive)) <= {"queue", "read_paused", "transport"}
+           and "resume_reading" in receive, "uvicorn",
+           "WebSocketsSansIOProtocol.receive is queue.get() and resuming a paused read")
+    init = inspect.getsource(WebSocketsSansIOProtocol.__init__)
+    expect("self.queue" in init and "self.writable" in init, "uvicorn",
+           "WebSocketsSansIOProtocol.__init__ makes queue and writable (hub replaces them)")
+
+
 async def _protocol(hub: RunningHub) -> tuple[Any, Any]:
     ws = await connected(hub.ws_url, make_token())
     await wait_until(lambda: hub.hub.websocket.connections, what="the connection")
@@ -95,8 +120,10 @@ async def test_uvicorn_send_is_the_sansio_protocol_with_what_hub_uses(
     ws, protocol = await _protocol(memory_hub)
     for name in uvicorn_compat.ATTRIBUTES:
         expect(hasattr(protocol, name), "uvicorn", f"the sans-I/O protocol has {name!r}")
-    expect(isinstance(protocol.writable, asyncio.Event), "uvicorn",
-           "protocol.writable is an asyncio.Event")
+    expect(isinstance(protocol.writable, LeanFlag), "uvicorn",
+           "protocol.writable is hub's LeanFlag (in place of uvicorn's asyncio.Event)")
+    expect(isinstance(protocol.queue, LeanInbox), "uvicorn",
+           "protocol.queue is hub's LeanInbox (in place of uvicorn's asyncio.Queue)")
     for method in ("write", "is_closing", "abort"):
         expect(callable(getattr(protocol.transport, method, None)), "uvicorn",
                f"protocol.transport has {method}()")
@@ -212,6 +239,51 @@ async def test_engineio_upgrade_flags_follow_the_upgrade(memory_hub: RunningHub)
 
 
 # -- python-socketio --------------------------------------------------------------------
+def test_engineio_internals_the_lean_session_replaces() -> None:
+    """hub/_compat/engineio.py's LeanEngineIOServer and HubSocket (memory per idle
+    session): what they replace must be where and what they expect."""
+    import re
+
+    from engineio import async_server, async_socket, base_socket
+
+    from hub._compat.lean import LeanQueue
+
+    expect("self.queue = self.server.create_queue()" in inspect.getsource(base_socket),
+           "python-engineio", "a socket makes its queue with server.create_queue()")
+    used: set[str] = set()
+    for module in (async_server, async_socket, base_socket, eio_compat):
+        used |= set(re.findall(r"\.queue\.(\w+)", inspect.getsource(module)))
+    expect(used and used <= set(dir(LeanQueue)), "python-engineio",
+           f"engine.io and hub use {sorted(used)} of a socket's queue (LeanQueue has them)")
+    connect = inspect.getsource(async_server.AsyncServer._handle_connect)
+    made, registered = (connect.find("async_socket.AsyncSocket(self, sid)"),
+                        connect.find("self.sockets[sid] = s"))
+    expect(0 <= made < registered < connect.find("s.schedule_ping()")
+           and registered < connect.find("handle_get_request"), "python-engineio",
+           "_handle_connect makes AsyncSocket(self, sid) and registers it in sockets[sid] "
+           "before pinging or serving it (where it becomes a HubSocket)")
+    for name in ("schedule_ping", "close", "_websocket_handler", "receive", "send"):
+        expect(callable(getattr(async_socket.AsyncSocket, name, None)), "python-engineio",
+               f"AsyncSocket.{name} exists (HubSocket overrides or calls it)")
+    expect(list(inspect.signature(async_socket.AsyncSocket.close).parameters)
+           == ["self", "wait", "abort", "reason"], "python-engineio",
+           "AsyncSocket.close(wait, abort, reason)")
+    ping = inspect.getsource(async_socket.AsyncSocket._send_ping)
+    expect("sleep(self.server.ping_interval)" in ping and "packet.PING" in ping,
+           "python-engineio", "a ping is a PING sent ping_interval after the last pong")
+    handler = inspect.getsource(async_socket.AsyncSocket._websocket_handler)
+    for step in ("'probe'", "packet.UPGRADE", "self.upgraded = True", "self.receive(pkt)",
+                 "await self.queue.put(None)", "reason=self.server.reason.TRANSPORT_CLOSE"):
+        expect(step in handler, "python-engineio",
+               f"AsyncSocket._websocket_handler has {step} (HubSocket's copies its steps)")
+    server = socketio.AsyncServer()
+    expect(callable(getattr(server, "_engineio_server_class", None)), "python-socketio",
+           "AsyncServer._engineio_server_class chooses the engine.io server")
+    eio = eio_compat.LeanEngineIOServer(async_mode="asgi")
+    expect(callable(eio._async.get("translate_request")), "python-engineio",
+           "the asgi driver's translate_request is in AsyncServer._async")
+
+
 def test_socketio_server_hooks_hub_overrides() -> None:
     for name, params in (("_handle_eio_connect", ["eio_sid", "environ"]),
                          ("_handle_eio_message", ["eio_sid", "data"]),
@@ -248,7 +320,7 @@ async def test_socketio_queues_connect_before_manager_connect(memory_hub: Runnin
     def record(sid: str) -> None:
         eio_sid = manager.eio_sid_from_sid(sid, "/")
         sock = eio_compat.socket(transport.sio.eio, eio_sid)
-        seen.append([p.encode() for p in list(sock.queue._queue)] if sock else [])
+        seen.append([p.encode() for p in sock.queue.items()] if sock else [])
         original(sid)
 
     manager.on_connected = record

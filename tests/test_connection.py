@@ -229,7 +229,7 @@ async def test_switch_over_holds_frames_until_the_other_queue_is_sent(pair: Pair
     await outbox.wait_drained()
     assert path_of(outbox) is Path.DIRECT
     outbox.put(frame(3), bounded=True)
-    assert outbox.writer is not None and outbox.writer.done()  # direct, no new task
+    assert outbox.writer is None  # direct, no task (the finished switch-over is released)
     assert await read_frames(pair, 1) == [frame(3)]
 
 
@@ -274,9 +274,11 @@ async def test_a_peer_gone_on_the_asgi_path_closes_the_outbox() -> None:
 
     outbox = _AsgiOutbox(10, send=send)
     outbox.put("lost", bounded=True)
+    writer = outbox.writer
     await outbox.wait_drained()
     assert outbox.state is ConnState.CLOSED
-    assert outbox.writer is not None and outbox.writer.exception() is None
+    assert writer is not None and writer.exception() is None
+    assert outbox.writer is None  # a finished writer is not kept
 
 
 # -- the subscriber: replay hold-back ----------------------------------------------------

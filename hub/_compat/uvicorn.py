@@ -4,7 +4,8 @@ Assumptions (asserted by tests/test_compat.py):
 - ``send`` is the bound method ``WebSocketsSansIOProtocol.send``, so ``send.__self__`` is
   the protocol of the connection;
 - the protocol has ``transport`` (an asyncio transport: ``write``, ``is_closing``,
-  ``abort``), ``writable`` (an ``asyncio.Event`` cleared while the transport pushes back
+  ``abort``), ``writable`` (an ``asyncio.Event``, or hub's ``LeanFlag`` in its place, see
+  uvicorn_protocols.py; cleared while the transport pushes back
   and set again when it drains *or the connection is lost*), ``close_sent`` and
   ``disconnected`` (booleans) and ``config.ws_per_message_deflate``.
 """

@@ -34,7 +34,9 @@ import ipaddress
 import logging
 import resource
 import time
+import weakref
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -45,6 +47,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
+from hub._compat.lean import LeanFlag, LeanInbox
 from hub.auth import PEER_KEY  # the TCP peer's address, in every HTTP and WebSocket scope
 from hub.closing import ClosingTransport, closing_transport
 from hub.config import Settings
@@ -420,6 +423,62 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._linger = self.loop.call_later(self.limits.close_timeout_s, transport.abort)
 
 
+# What uvicorn's WebSocket protocol sets on every connection to the same object for every
+# connection of a server (its config and what comes from it, the server's shared state).
+# Kept once on a per-server class instead of in each instance's dict: without them the
+# instance dict stays small enough for CPython to share its keys across connections
+# (a split dict), about 1.3 KB less on each (tests/test_compat.py checks the names).
+# (Not ``default_headers``: uvicorn's server replaces that list every second, for the Date.)
+PER_SERVER = ("config", "app", "loop", "logger", "root_path", "asgi_version", "app_state",
+              "connections", "tasks", "ping_interval", "ping_timeout")
+_MISSING = object()
+
+
+class _PerServer:
+    """A data descriptor for one of :data:`PER_SERVER`: the first connection's value is
+    the class's; a connection that sets another (none does) keeps its own, aside."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        if obj is None:
+            return self
+        if owner._hub_overrides:  # type: ignore[attr-defined]
+            own = owner._hub_overrides.get(obj)  # type: ignore[attr-defined]
+            if own is not None and self.name in own:
+                return own[self.name]
+        try:
+            return owner._hub_shared[self.name]  # type: ignore[attr-defined]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        cls = type(obj)
+        shared = cls._hub_shared
+        current = shared.get(self.name, _MISSING)
+        if current is _MISSING:
+            shared[self.name] = value
+        elif current is not value:
+            cls._hub_overrides.setdefault(obj, {})[self.name] = value
+
+
+def per_server_class(base: type[HubWebSocketProtocol]) -> type[HubWebSocketProtocol]:
+    """A subclass of ``base`` for one server (one uvicorn Config)."""
+    namespace: dict[str, Any] = {name: _PerServer(name) for name in PER_SERVER}
+    namespace["_hub_shared"] = {}
+    namespace["_hub_overrides"] = weakref.WeakKeyDictionary()
+    return type(base.__name__, (base,), namespace)
+
+
+_SHARED_SCOPE: dict[str, Any] = {
+    "asgi": {"version": "3.0", "spec_version": "2.4"},
+    "extensions": {"websocket.http.response": {}},
+}
+
+
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol whose closes are bounded in time.
 
@@ -437,6 +496,23 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(config, server_state, app_state, _loop)
         grace = config.limits.close_timeout_s if isinstance(config, HubConfig) else 5.0
         self.close_timeout = grace
+        # Memory per idle connection (README "Performance"): uvicorn's asyncio.Queue and
+        # asyncio.Event, replaced by what it uses of them (tests/test_compat.py checks
+        # that this is all it uses).
+        self.queue = LeanInbox(self._drained)  # type: ignore[assignment]
+        self.writable = LeanFlag(True)  # type: ignore[assignment]
+
+    def _drained(self) -> None:
+        # uvicorn's receive(): reading resumes once the application took every message.
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def receive(self) -> Awaitable[Any]:  # type: ignore[override]
+        # uvicorn's receive() is a coroutine around queue.get() that resumes reading when
+        # the queue is empty; LeanInbox does that itself (``_drained``), so the pending
+        # receive of an idle connection is one coroutine frame, not two.
+        return self.queue.get()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -457,8 +533,14 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
-        if scope is not None and self.client:
-            scope[PEER_KEY] = self.client[0]
+        if scope is not None:
+            # The same small dicts on every connection's scope (~0.4 KB): one copy, read
+            # only (nothing in hub or the ASGI libraries it runs writes to them).
+            for key, shared in _SHARED_SCOPE.items():
+                if scope.get(key) == shared:
+                    scope[key] = shared
+            if self.client:
+                scope[PEER_KEY] = self.client[0]
 
     async def send(self, message: Any) -> None:
         if (message["type"] == "websocket.close" and not self.writable.is_set()
@@ -467,6 +549,19 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
             self._close_now(message.get("code", 1000), message.get("reason", "") or "")
             return
         await super().send(message)
+        if self.handshake_complete and getattr(self, "request", None) is not None:
+            self._forget_handshake()
+
+    def _forget_handshake(self) -> None:
+        """The handshake is over: its parsed request and response (~2.5 KB of headers)
+        are read by nobody any more; the ASGI scope keeps the request's headers. The
+        websockets parser's generator frame keeps the request object itself for the
+        connection's life, so its headers are emptied in place, not just dropped."""
+        for message in (self.request, getattr(self, "response", None)):
+            headers = getattr(message, "headers", None)
+            if headers is not None:
+                headers.clear()
+        self.request = self.response = None  # type: ignore[assignment]
 
     def _close_now(self, code: int, reason: str) -> None:
         # uvicorn's close branch of send(), without its wait for `writable`.
@@ -483,4 +578,4 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 def hub_config(app: Any, settings: Settings, **kwargs: Any) -> HubConfig:
     """A uvicorn config that runs ``app`` behind hub's protocols and limits."""
     return HubConfig(app, limits=Limits.from_settings(settings), http=HubHttpProtocol,
-                     ws=HubWebSocketProtocol, **kwargs)
+                     ws=per_server_class(HubWebSocketProtocol), **kwargs)

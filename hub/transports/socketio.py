@@ -217,6 +217,10 @@ class _Server(socketio.AsyncServer):  # type: ignore[misc]
 
     hub_transport: SocketIOTransport
 
+    def _engineio_server_class(self) -> Any:
+        # engine.io with a lean idle session (hub._compat.engineio, README "Performance").
+        return eio_compat.LeanEngineIOServer
+
     def may_see(self, sid: str, tenant: str) -> bool:
         """For hub's emit (hub.dispatch.manager): may socket ``sid`` see ``tenant``?"""
         conn = self.hub_transport.connections.get(sid)

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -85,6 +85,10 @@ class PlainConnection(OutboxSubscriber):
     def frame_path(self) -> str:
         """How its events reach the transport (for the hub_frame_path_connections metric)."""
         return self.outbox.path.value
+
+    def expired(self) -> None:
+        """Its token expired (hub.connection.TokenLifetime)."""
+        self.abort(CloseCode.UNAUTHORIZED, "token expired")
 
     def close_after_error(self) -> None:
         """A send to it failed (see Dispatcher._deliver): close it."""
@@ -163,9 +167,10 @@ class PlainTransport:
         self.hub = hub
         self.connections: set[PlainConnection] = set()
 
-    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The endpoint as a bare ASGI app (what HubApp dispatches to without routing)."""
-        await self.endpoint(WebSocket(scope, receive, send))
+    def asgi(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The endpoint as a bare ASGI app (what HubApp dispatches to without routing):
+        the endpoint's own coroutine, so an open connection's stack has one frame less."""
+        return self.endpoint(WebSocket(scope, receive, send))
 
     async def endpoint(self, websocket: WebSocket) -> None:
         hub = self.hub
@@ -226,7 +231,7 @@ class PlainTransport:
         })
         conn.lifetime = TokenLifetime(
             conn, leeway=hub.verifier.leeway, lead=hub.settings.token_expiring_lead_s,
-            expire=lambda: conn.abort(CloseCode.UNAUTHORIZED, "token expired"),
+            expire=conn.expired,
             notify=conn.send_control)
         revoked = hub.verifier.revoked
         if revoked is not None and revoked(principal):
@@ -264,7 +269,9 @@ class PlainTransport:
 
     async def _read(self, websocket: WebSocket, conn: PlainConnection) -> None:
         settings = self.hub.settings
-        bucket = TokenBucket(settings.client_rate, settings.client_burst)
+        # Made at the first message: a full bucket then is what one made at connect would
+        # hold by then (it refills up to the burst), and an idle connection holds none.
+        bucket: TokenBucket | None = None
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -284,6 +291,8 @@ class PlainTransport:
             if len(text) > settings.max_message_bytes:
                 conn.abort(CloseCode.MESSAGE_TOO_BIG, "message too big")
                 continue
+            if bucket is None:
+                bucket = TokenBucket(settings.client_rate, settings.client_burst)
             if not bucket.take():
                 conn.abort(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
                 continue
