@@ -227,15 +227,9 @@ class HttpApi:
             return admin
         if request.method == "GET":
             return JSONResponse({"revocations": hub.revocations.listing()})
-        body = await request.body()
-        if len(body) > 4096:
-            return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return error_response(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
-        if not isinstance(payload, dict):
-            return error_response(422, ErrorCode.NOT_AN_OBJECT, "body must be a JSON object")
+        payload = await _small_object(request)
+        if isinstance(payload, JSONResponse):
+            return payload
         named = [kind for kind in Kind if kind.value in payload]
         if len(named) != 1:
             return error_response(422, ErrorCode.INVALID_REVOCATION,
@@ -290,15 +284,9 @@ class HttpApi:
 
     async def _delete_consumer(self, request: Request) -> JSONResponse:
         """``DELETE /consumers`` with ``{user_id, tenant_id?, name}``: forget a consumer."""
-        body = await request.body()
-        if len(body) > 4096:
-            return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return error_response(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
-        if not isinstance(payload, dict):
-            return error_response(422, ErrorCode.NOT_AN_OBJECT, "body must be a JSON object")
+        payload = await _small_object(request)
+        if isinstance(payload, JSONResponse):
+            return payload
         user, tenant = payload.get("user_id"), payload.get("tenant_id")
         if not isinstance(user, str) or not user or not (tenant is None
                                                           or isinstance(tenant, str)):
@@ -417,3 +405,16 @@ def error_response(status: int, code: str, message: str, *, field: str | None = 
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
+async def _small_object(request: Request, limit: int = 4096) -> dict[str, Any] | JSONResponse:
+    """The body of an admin request: a JSON object of at most ``limit`` bytes, or the
+    error response saying why not."""
+    body = await request.body()
+    if len(body) > limit:
+        return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return error_response(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
+    if not isinstance(payload, dict):
+        return error_response(422, ErrorCode.NOT_AN_OBJECT, "body must be a JSON object")
+    return payload
