@@ -13,8 +13,6 @@ client, nothing acknowledged is lost or duplicated, each type stays in publish o
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import signal
 import time
 import uuid
@@ -22,16 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis as redis_sync
-import socketio
 from redis.crc import key_slot
 
 from hub.config import Settings
 from hub.dispatch.cluster import ShardedBackend, shard_keys, shard_of
 from hub.errors import ConfigError
 from hub.publish import Publisher
+from tests import failover
 from tests.conftest import (
     SECRET,
     HubProcess,
@@ -39,10 +36,8 @@ from tests.conftest import (
     make_settings,
     make_token,
     run_hub,
-    start_hub_process,
-    stop_process,
 )
-from tests.helpers import connected, recv_json, send_json, wait_until
+from tests.helpers import connected, recv_json, send_json
 
 pytestmark = pytest.mark.slow
 
@@ -172,54 +167,6 @@ async def test_one_order_on_every_instance_and_resume_from_any_id(
             await ws.close()
 
 
-class Plain:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.received: list[dict[str, Any]] = []
-        self.closed: int | None = None
-        self.ready = asyncio.Event()
-
-    async def run(self, url: str) -> None:
-        ws = await connected(url, make_token(self.name))
-        await send_json(ws, {"action": "subscribe", "event_types": TYPES})
-        while (await recv_json(ws))["type"] != "subscription_updated":
-            pass
-        self.ready.set()
-        try:
-            while True:
-                message = await recv_json(ws, timeout=3600)
-                if message["type"] in TYPES:
-                    self.received.append(message)
-        except asyncio.CancelledError:
-            await ws.close()
-            raise
-        except Exception:
-            self.closed = ws.close_code
-            raise
-
-
-class Sio:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.received: list[dict[str, Any]] = []
-        self.client = socketio.AsyncClient(reconnection=False)
-        self.disconnects = 0
-        for type_ in TYPES:
-            self.client.on(type_, self._event)
-        self.client.on("disconnect", self._disconnect)
-
-    async def _event(self, envelope: dict[str, Any]) -> None:
-        self.received.append(envelope)
-
-    async def _disconnect(self, reason: Any = None) -> None:
-        self.disconnects += 1
-
-    async def connect(self, url: str) -> None:
-        await self.client.connect(url, auth={"token": make_token(self.name),
-                                             "event_types": TYPES},
-                                  transports=["websocket"], wait_timeout=10)
-
-
 def _role(port: int) -> str:
     client = redis_sync.Redis(port=port, socket_timeout=1)
     try:
@@ -228,32 +175,15 @@ def _role(port: int) -> str:
         client.close()
 
 
-def stream_ids(client: Any, stream: str) -> list[str]:
-    entries: list[tuple[str, dict[str, str]]] = client.xrange(stream)
-    return [fields.get("i", entry) for entry, fields in entries if "e" in fields]
-
-
-def score(received: list[dict[str, Any]], expected: set[str],
-          source: dict[str, tuple[str, str, float, float]]) -> dict[str, int]:
-    """Lost / duplicated / foreign against ``expected``; out of order: per type (what the
-    sharded stream promises), an event arriving after one from the same instance whose
-    request was sent only after its own 202 came back; ``late``: the same across types
-    (events journalled while their shard failed over, delivered after later ones)."""
-    ids = [m["id"] for m in received]
-    per_type: dict[tuple[str, str], float] = {}
-    per_instance: dict[str, float] = {}
-    out_of_order = late = 0
-    for event_id in ids:
-        if event_id not in source:
-            continue
-        instance, type_, sent, acked = source[event_id]
-        out_of_order += acked < per_type.get((instance, type_), -1.0)
-        late += acked < per_instance.get(instance, -1.0)
-        per_type[instance, type_] = max(sent, per_type.get((instance, type_), -1.0))
-        per_instance[instance] = max(sent, per_instance.get(instance, -1.0))
-    return {"received": len(ids), "lost": len(expected - set(ids)),
-            "duplicated": len(ids) - len(set(ids)), "out_of_order": out_of_order,
-            "late": late, "foreign": len(set(ids) - expected)}
+def _score(received: list[dict[str, Any]], expected: set[str],
+           source: dict[str, failover.Sent]) -> dict[str, int]:
+    """The tally (out of order: per type, what the sharded stream promises), and ``late``:
+    the same across types (events journalled while their shard failed over, delivered
+    after later ones)."""
+    figure = failover.tally(received, expected, source)
+    figure["late"] = failover.out_of_order([m["id"] for m in received], source,
+                                           lambda s: s.instance)
+    return figure
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
@@ -265,129 +195,62 @@ async def test_master_failover_under_load(cluster: RedisClusterNodes, tmp_path: 
     until the replica has taken over and the test is done."""
     unique = uuid.uuid4().hex[:8]
     stream = f"hub:cluster:{unique}"
-    env = {"REDIS_URL": cluster.url, "JWT_SECRET": SECRET, "HUB_STREAM_KEY": stream,
-           "HUB_SOCKETIO_CHANNEL": f"socketio-{unique}", "HUB_JSON_LOGS": "0",
-           "HUB_JOURNAL_DIR": str(tmp_path / "journal"),
+    env = {**failover.hub_env(cluster.url, stream, unique, tmp_path),
            "HUB_EXTRA_EVENT_TYPES": ",".join(TYPES)}
-    hubs: list[HubProcess] = []
-    try:
-        for name in ("a", "b"):
-            hubs.append(start_hub_process({**env, "HUB_INSTANCE_ID": f"cluster-{name}"},
-                                          tmp_path=tmp_path))
+    with failover.two_hubs(env, "cluster", tmp_path) as hubs:
         await _run(cluster, hubs, stream, fault)
-    finally:
-        for hub in hubs:
-            stop_process(hub.process)
 
 
 async def _run(cluster: RedisClusterNodes, hubs: list[HubProcess], stream: str,
                fault: str) -> None:
-    plains = [Plain(f"plain-{n}") for n in range(len(hubs))]
-    tasks = [asyncio.create_task(p.run(h.url.replace("http", "ws") + "/ws/events"))
-             for p, h in zip(plains, hubs, strict=True)]
-    for plain in plains:
-        await asyncio.wait_for(plain.ready.wait(), 10)
-    sios = [Sio(f"sio-{n}") for n in range(len(hubs))]
-    for sio, hub in zip(sios, hubs, strict=True):
-        await sio.connect(hub.url)
+    clients = failover.Clients(hubs, TYPES)
+    await clients.connect()
 
     keys = shard_keys(stream, 3)
     victim = cluster.master_of(keys[1])
     replica = cluster.replica_of(victim)
-    admin = {"Authorization": f"Bearer {make_token('ops', 'admin')}"}
-    published: list[tuple[int, str, int, str]] = []  # (seq, instance, status, id)
-    timing: dict[int, tuple[float, float]] = {}
-    journalled: list[int] = []
-    latency: list[float] = []
-    killed_at = promoted_at = None
-    async with httpx.AsyncClient(timeout=10) as http:
-        async def post(seq: int) -> None:
-            hub = hubs[seq % len(hubs)]
-            began = time.monotonic()
-            try:
-                response = await http.post(f"{hub.url}/events", headers=admin,
-                                           json={"type": TYPES[seq % 3], "data": {"seq": seq}})
-                latency.append(time.monotonic() - began)
-                timing[seq] = (began, time.monotonic())
-                body = response.json() if response.status_code == 202 else {}
-                if body.get("durable") is False:
-                    journalled.append(seq)
-                published.append((seq, hub.url, response.status_code, body.get("id", "")))
-            except httpx.HTTPError as exc:
-                published.append((seq, hub.url, -1, type(exc).__name__))
 
-        posts: list[asyncio.Task[None]] = []
-        start = time.monotonic()
-        for seq in itertools.count():
-            await asyncio.sleep(max(0.0, start + seq / RATE_HZ - time.monotonic()))
-            posts.append(asyncio.create_task(post(seq)))
-            now = time.monotonic()
-            if killed_at is None and now - start >= BEFORE_S:
-                if fault == "kill":
-                    cluster.kill(victim)
-                else:
-                    cluster.processes[victim].send_signal(signal.SIGSTOP)
-                killed_at = now
-            if (killed_at is not None and promoted_at is None and seq % 6 == 0
-                    and await asyncio.to_thread(_role, replica) == "master"):
-                promoted_at = now
-            if promoted_at is not None and now - promoted_at >= AFTER_S:
-                break
-            assert killed_at is None or now - killed_at < 30, "no failover within 30 s"
-        await asyncio.gather(*posts)
-    assert killed_at is not None and promoted_at is not None
+    def apply_fault() -> None:
+        if fault == "kill":
+            cluster.kill(victim)
+        else:
+            cluster.processes[victim].send_signal(signal.SIGSTOP)
 
-    acked = [p for p in sorted(published) if p[2] == 202]
-    refused = [p for p in published if p[2] != 202]
+    async def promoted(seq: int) -> bool:
+        return seq % 6 == 0 and await asyncio.to_thread(_role, replica) == "master"
+
+    load = failover.SteadyLoad(hubs, RATE_HZ, lambda seq: (TYPES[seq % 3], {"seq": seq}))
+    await load.run(before_s=BEFORE_S, after_s=AFTER_S, fault=apply_fault, promoted=promoted)
+
+    acked, refused = load.acked(), load.refused()
     acked_ids = {p[3] for p in acked}
     # What the masters hold now: every acknowledged event, once the journals are flushed.
     client = redis_sync.RedisCluster(host="127.0.0.1", port=replica, decode_responses=True)
     deadline = time.monotonic() + 30
     while True:
-        in_streams = [i for k in keys for i in stream_ids(client, k)]
+        in_streams = [i for k in keys for i in failover.stream_ids(client, k)]
         missing = acked_ids - set(in_streams)
         if not missing or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
     doubled = len(in_streams) - len(set(in_streams))
     client.close()
-    source = {p[3]: (p[1], TYPES[p[0] % 3], *timing[p[0]]) for p in acked}
-    clients: list[Any] = [*plains, *sios]
-    with contextlib.suppress(AssertionError):  # reported below
-        await wait_until(lambda: not any(score(c.received, acked_ids, source)["lost"]
-                                         for c in clients), 30, "every client has every event")
-    health: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=5) as http:
-        deadline = time.monotonic() + 30
-        while True:
-            health = {h.url: (await http.get(f"{h.url}/ws/health")).json() for h in hubs}
-            if all(v["status"] == "healthy" for v in health.values()):
-                break
-            assert time.monotonic() < deadline, f"not healthy after the failover: {health}"
-            await asyncio.sleep(0.2)
+    source = load.source()
+    await failover.settle(clients, acked_ids, source)
+    await failover.wait_healthy(hubs)
 
-    figures = {c.name: score(c.received, acked_ids, source) for c in clients}
-    report = (f"cluster {fault}: published {len(published)} at {RATE_HZ}/s over 3 shards, "
-              f"acknowledged {len(acked)}, refused {len(refused)} "
-              f"{sorted({p[2] for p in refused})}, journalled {len(journalled)}, slowest 202 "
-              f"{max(latency):.2f} s; failover {promoted_at - killed_at:.1f} s; acknowledged "
-              f"but in no stream {len(missing)}, in a stream twice {doubled}; per client "
-              f"{figures}")
+    figures = {c.name: _score(c.received, acked_ids, source) for c in clients.all}
+    report = (f"cluster {fault}: published {len(load.published)} at {RATE_HZ}/s over 3 "
+              f"shards, acknowledged {len(acked)}, refused {len(refused)} "
+              f"{sorted({p[2] for p in refused})}, journalled {len(load.journalled)}, "
+              f"slowest 202 {max(load.latency):.2f} s; failover {load.failover_s:.1f} s; "
+              f"acknowledged but in no stream {len(missing)}, in a stream twice {doubled}; "
+              f"per client {figures}")
     print("\nFAILOVER", report)
-    for hub in hubs:
-        assert hub.process.poll() is None, hub.log()
-    assert all(c.closed is None for c in plains) and all(s.disconnects == 0 for s in sios), \
-        report
+    failover.assert_delivered(hubs, clients, figures, report)
     assert not refused, (report, [h.log()[-3000:] for h in hubs])
     assert not missing and not doubled, report
-    for name, figure in figures.items():
-        assert figure["lost"] == 0 and figure["duplicated"] == 0, (name, report)
-        assert figure["out_of_order"] == 0 and figure["foreign"] == 0, (name, report)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for sio in sios:
-        await sio.client.disconnect()
+    await clients.close()
     # The faulted node comes back as a replica of its old replica: the cluster is whole
     # again for whatever runs next.
     if fault == "kill":
