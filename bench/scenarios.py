@@ -47,7 +47,7 @@ class Sizes:
     settle_s: float = 3.0
     grace_ms: int = 10000
     multicore_clients: int = 1000
-    multicore_rate: float = 10.0
+    multicore_rate: float = 25.0
     multicore_seconds: float = 20.0
     revocation_connections: int = 300  # of each transport
     revocation_rounds: int = 3
