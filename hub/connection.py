@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hub.auth import Principal
+from hub.consumers import unbind_after_failed_resume
 from hub.errors import AuthError, ErrorCode, ProtocolError
 from hub.events import Event
 from hub.transports.frames import Sink, write_queued
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from hub.limits import ConnectionLimits
     from hub.metrics import Metrics
     from hub.refusals import RefusalTracker
+
+log = logging.getLogger("hub.connection")
 
 
 class Services(Protocol):
@@ -565,6 +568,8 @@ class OutboxSubscriber(Subscriber):
     SSE): the replay's hooks are the outbox's room and drain."""
 
     outbox: Outbox
+    connection_id: str
+    resume_task: asyncio.Task[Any] | None = None  # the replay running, if any
 
     @property
     def queued(self) -> int:
@@ -581,3 +586,34 @@ class OutboxSubscriber(Subscriber):
     def closed(self) -> bool:
         # Closing after a flush (shutdown, expiry) takes nothing more: a replay stops there.
         return not self.outbox.open or super().closed
+
+    # -- a resume that runs while client messages keep being read -----------------------
+    def track_resume(self, task: asyncio.Task[Any]) -> None:
+        """Keep the replay ``task`` of ``Dispatcher.start_resume`` (cancelled with the
+        connection, :meth:`cancel_resume`) and tell the client how it ended: ``resumed``,
+        or an ``error`` (the connection stays open and live events continue)."""
+        self.resume_task = task
+        task.add_done_callback(self._resume_ended)
+
+    def cancel_resume(self) -> None:
+        if self.resume_task is not None:
+            self.resume_task.cancel()
+
+    def _resume_ended(self, task: asyncio.Task[Any]) -> None:
+        if self.resume_task is task:
+            self.resume_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            unbound = unbind_after_failed_resume(self)
+            if unbound is not None:
+                self.send_error(unbound)
+        if isinstance(exc, ProtocolError):
+            self.send_error(exc)
+        elif exc is not None:
+            log.error("resume failed on %s", self.connection_id, exc_info=exc)
+            self.send_error(ProtocolError("the resume failed; live events continue",
+                                          code=ErrorCode.HISTORY_UNAVAILABLE))
+        else:
+            self.send_control("resumed", task.result().message())

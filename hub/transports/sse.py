@@ -90,7 +90,6 @@ class SseConnection(OutboxSubscriber):
         self.outbox = _SseOutbox(limit, send=self._write)
         self.hold_limit = limit
         self.done = asyncio.Event()
-        self.resume_task: asyncio.Task[Any] | None = None
         self.aborted = False
 
     async def _write(self, chunk: bytes) -> None:
@@ -213,9 +212,7 @@ class SseTransport:
         })
         expiry = schedule_expiry(principal, hub.verifier.leeway, conn.expire)
         if last_event_id is not None:
-            task = hub.dispatcher.start_resume(conn, last_event_id)
-            conn.resume_task = task
-            task.add_done_callback(lambda done: _resumed(conn, done))
+            conn.track_resume(hub.dispatcher.start_resume(conn, last_event_id))
         watchers = [asyncio.ensure_future(_watch_disconnect(receive, conn)),
                     asyncio.ensure_future(self._heartbeat(conn))]
         try:
@@ -225,8 +222,7 @@ class SseTransport:
                 watcher.cancel()
             if expiry is not None:
                 expiry.cancel()
-            if conn.resume_task is not None:
-                conn.resume_task.cancel()
+            conn.cancel_resume()
             hub.dispatcher.remove(conn)
             self.connections.discard(conn)
             hub.metrics.connections.labels(conn.transport).dec()
@@ -276,19 +272,3 @@ async def _watch_disconnect(receive: Receive, conn: SseConnection) -> None:
             conn.outbox.abort()
             conn.done.set()
             return
-
-
-def _resumed(conn: SseConnection, task: asyncio.Task[Any]) -> None:
-    if conn.resume_task is task:
-        conn.resume_task = None
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if isinstance(exc, ProtocolError):
-        conn.send_control("error", {"code": exc.code, "message": exc.message})
-    elif exc is not None:
-        log.error("resume failed on %s", conn.connection_id, exc_info=exc)
-        conn.send_control("error", {"code": ErrorCode.HISTORY_UNAVAILABLE,
-                                    "message": "the resume failed; live events continue"})
-    else:
-        conn.send_control("resumed", task.result().message())

@@ -29,7 +29,6 @@ from hub.connection import (
     TokenLifetime,
     count_slow,
 )
-from hub.consumers import unbind_after_failed_resume
 from hub.dispatch.filters import parse_filter
 from hub.errors import ErrorCode, ProtocolError
 from hub.events import Event
@@ -77,7 +76,6 @@ class PlainConnection(OutboxSubscriber):
                                    send=websocket.send_text if sink is None else None)
         self._on_slow = on_slow
         self._on_abort = on_abort
-        self.resume_task: asyncio.Task[Any] | None = None
         self.hold_limit = outbox_limit
         self.lifetime: TokenLifetime | None = None
 
@@ -132,26 +130,6 @@ class PlainConnection(OutboxSubscriber):
             return
         self._on_abort(self)  # stop fan-out to it now, not when its TCP connection ends
         asyncio.get_running_loop().create_task(_close(self.websocket, code, reason))
-
-
-def _resumed(conn: PlainConnection, task: asyncio.Task[Any]) -> None:
-    if conn.resume_task is task:
-        conn.resume_task = None
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None:
-        unbound = unbind_after_failed_resume(conn)
-        if unbound is not None:
-            conn.send_error(unbound)
-    if isinstance(exc, ProtocolError):
-        conn.send_error(exc)
-    elif exc is not None:
-        log.error("resume failed on %s", conn.connection_id, exc_info=exc)
-        conn.send_error(ProtocolError("the resume failed; live events continue",
-                                      code=ErrorCode.HISTORY_UNAVAILABLE))
-    else:
-        conn.send_control("resumed", task.result().message())
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
@@ -250,8 +228,7 @@ class PlainTransport:
             await self._read(websocket, conn)
         finally:
             conn.lifetime.cancel()
-            if conn.resume_task is not None:
-                conn.resume_task.cancel()
+            conn.cancel_resume()
             hub.dispatcher.remove(conn)
             self.connections.discard(conn)
             hub.metrics.connections.labels(conn.transport).dec()
@@ -359,9 +336,7 @@ class PlainTransport:
     def _resume(self, conn: PlainConnection, last_event_id: object) -> None:
         """Start a replay (raises ProtocolError at once for a bad id or while one runs);
         ``resumed`` follows it. Client messages keep being read meanwhile."""
-        task = self.hub.dispatcher.start_resume(conn, last_event_id)
-        conn.resume_task = task
-        task.add_done_callback(lambda done: _resumed(conn, done))
+        conn.track_resume(self.hub.dispatcher.start_resume(conn, last_event_id))
 
     def revoke(self, covers: Callable[[Principal], bool]) -> int:
         """Close the connections whose token is revoked (4003 ``token revoked``)."""
