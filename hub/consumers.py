@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from hub.backoff import Backoff
 from hub.errors import BackendUnavailable, ErrorCode, ProtocolError
 from hub.events import id_key, is_event_id
 
@@ -46,7 +47,9 @@ log = logging.getLogger("hub.consumers")
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 MAX_NAME = 64
-# A failed cursor write is retried this often until it succeeds or the hub stops.
+# A failed cursor write is retried, with jittered backoff (hub.backoff) so that the
+# consumers of an instance do not retry in step, at most this far apart, until it succeeds
+# or the hub stops.
 WRITE_RETRY_S = 1.0
 # GET /metrics labels lag by consumer name for at most this many names (the laggiest).
 METRIC_NAMES = 20
@@ -360,6 +363,7 @@ class ConsumerCursor:
 
     async def _write(self) -> None:
         store = self._consumers.store
+        backoff = Backoff(base=WRITE_RETRY_S / 4, cap=WRITE_RETRY_S)
         while self._pending is not None:
             event_id, self._pending = self._pending, None
             try:
@@ -368,12 +372,13 @@ class ConsumerCursor:
                 if self._pending is None:
                     self._pending = event_id
                 self._consumers.write_failed(self.name, exc)
-                await asyncio.sleep(WRITE_RETRY_S)
+                await asyncio.sleep(backoff.next_delay())
             except Exception:
                 # A bug, not an outage: say so loudly; the next ack starts a new write.
                 log.exception("storing the ack of consumer %r failed", self.name)
                 return
             else:
+                backoff.reset()
                 self._consumers.metrics.consumer_acks.inc()
 
 
@@ -474,8 +479,8 @@ class Consumers:
         now = time.monotonic()
         if now - self._failed_logged >= 60:  # once a minute at most
             self._failed_logged = now
-            log.warning("could not store the ack of consumer %r (%s); retrying every "
-                        "%.0fs (further failures are counted in "
+            log.warning("could not store the ack of consumer %r (%s); retrying at most "
+                        "%.0fs apart (further failures are counted in "
                         "hub_consumer_write_failures_total)", name, exc, WRITE_RETRY_S)
 
     async def stop(self, timeout: float) -> None:
