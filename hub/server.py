@@ -19,6 +19,7 @@ import uvicorn
 
 from hub.app import HubApp, create_app
 from hub.config import Settings
+from hub.tasks import TaskSet
 
 log = logging.getLogger("hub")
 
@@ -27,7 +28,7 @@ class HubServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: HubApp) -> None:
         super().__init__(config)
         self.hub_app = app
-        self._reloads: set[asyncio.Task[Any]] = set()
+        self._reloads = TaskSet("reload")
         self._sighup = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -41,9 +42,7 @@ class HubServer(uvicorn.Server):
 
     def _on_sighup(self) -> None:
         log.info("received SIGHUP, reloading keys and origins")
-        task = asyncio.ensure_future(self.hub_app.hub.reload("SIGHUP"))
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        self._reloads.spawn(self.hub_app.hub.reload("SIGHUP"))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._sighup:  # a stopping hub reloads nothing, and a SIGHUP must not kill it

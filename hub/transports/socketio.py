@@ -35,6 +35,7 @@ from hub.dispatch.filters import EventFilter, parse_filter
 from hub.errors import CloseCode, ErrorCode, ProtocolError
 from hub.events import Event
 from hub.limits import TokenBucket
+from hub.tasks import TaskSet
 from hub.transports.frames import FrameSink, frame_sink, text_frame
 from hub.transports.sio_manager import queue_eio_packet
 
@@ -281,6 +282,7 @@ class SocketIOTransport:
         manager.on_connected = self._activate
         self.connections: dict[str, SocketIOConnection] = {}
         self._by_eio: dict[str, SocketIOConnection] = {}
+        self._tasks = TaskSet("socket.io")  # session closes, resumes, disconnects
         # Engine.IO sessions without a connected (authenticated) namespace yet: their
         # client address and the timer that ends them.
         self._unbound: dict[str, tuple[str, asyncio.TimerHandle]] = {}
@@ -430,7 +432,7 @@ class SocketIOTransport:
         the connect timeout."""
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
         if eio_sid is not None:
-            asyncio.get_running_loop().create_task(self._close_when_sent(eio_sid))
+            self._tasks.spawn(self._close_when_sent(eio_sid))
 
     async def _close_when_sent(self, eio_sid: str) -> None:
         await asyncio.sleep(0)  # python-socketio queues the CONNECT_ERROR after we raise
@@ -478,7 +480,7 @@ class SocketIOTransport:
     def close_session(self, eio_sid: str) -> None:
         """End an Engine.IO session now (and abort its WebSocket if the peer does not
         read the close)."""
-        asyncio.get_running_loop().create_task(self._close_transport(eio_sid))
+        self._tasks.spawn(self._close_transport(eio_sid))
 
     def _abort_later(self, eio_sid: str) -> None:
         """A closing WebSocket whose peer stopped reading would hold its descriptor for
@@ -583,7 +585,7 @@ class SocketIOTransport:
             conn.hold_for_first_message(self.hub.settings.resume_hold_s)
         else:
             conn.begin_replay()  # hold live events until the replay is queued
-            asyncio.get_running_loop().create_task(self._resume_task(conn, last_event_id))
+            self._tasks.spawn(self._resume_task(conn, last_event_id))
 
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
         pending = self._pending.pop(sid, None)
@@ -640,7 +642,7 @@ class SocketIOTransport:
             sock = eio_compat.socket(self.sio.eio, conn.eio_sid)
             if sock is not None:
                 eio_compat.drop_queued(sock)  # free the backlog now; the socket is going away
-        asyncio.get_running_loop().create_task(self._disconnect_now(conn))
+        self._tasks.spawn(self._disconnect_now(conn))
 
     async def _disconnect_now(self, conn: SocketIOConnection) -> None:
         # What is still queued (a token_expired notice) goes out first, within reason.

@@ -78,6 +78,7 @@ class PlainConnection(OutboxSubscriber):
         self._on_abort = on_abort
         self.hold_limit = outbox_limit
         self.lifetime: TokenLifetime | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     @property
     def frame_path(self) -> str:
@@ -129,7 +130,9 @@ class PlainConnection(OutboxSubscriber):
         if not self.outbox.abort():
             return
         self._on_abort(self)  # stop fan-out to it now, not when its TCP connection ends
-        asyncio.get_running_loop().create_task(_close(self.websocket, code, reason))
+        # Kept on the connection: the loop holds tasks only weakly.
+        self._closing = asyncio.get_running_loop().create_task(
+            _close(self.websocket, code, reason))
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
