@@ -421,8 +421,11 @@ class SseClient:
         assert event.id == event_id
 
     async def ended(self) -> None:
+        """Nothing but heartbeats (one is due every 15 s, and a loaded run may have sent
+        it since the last event read), then the end of the stream."""
         assert self.stream is not None
-        assert await self.stream.next(timeout=10) is None
+        while (block := await self.stream.next(timeout=10)) is not None:
+            assert block.comments == ["heartbeat"] and not block.data, block
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -176,9 +176,12 @@ async def test_socketio_client_refreshes_across_three_token_lifetimes(
     published in each; once it stops refreshing the last token's expiry ends it."""
     import os
 
-    ttl, lifetimes = 2, 3
-    async with run_hub(make_settings(token_expiring_lead_s=1.0)) as running:
-        first = make_token("dashboard", ttl=ttl + 2)  # Node's start-up does not eat it
+    # Each notice comes 0.5-1.5 s into its token (exp is whole seconds) and leaves 3.5 s
+    # for the refresh to go round (this loop, Node, the hub): a stall of a loaded machine
+    # fits in that, as it did not in a 1 s window.
+    ttl, lead, lifetimes = 5, 3.5, 3
+    async with run_hub(make_settings(token_expiring_lead_s=lead)) as running:
+        first = make_token("dashboard", ttl=ttl + 5)  # Node's start-up does not eat it
         process = await asyncio.create_subprocess_exec(
             "node", str(JS_DIR / "socketio_refresh.js"), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

@@ -117,7 +117,8 @@ async def subscribed(hub: RunningHub) -> None:
         conns = list(hub.hub.websocket.connections)
         return len(conns) == 1 and conns[0].types is not None
 
-    await wait_until(narrowed, what="hub tail's subscription")
+    # The child process starts (imports, connects) first: seconds on a loaded machine.
+    await wait_until(narrowed, timeout=30, what="hub tail's subscription")
 
 
 async def test_json_lines_of_the_chosen_types(memory_hub: RunningHub,
