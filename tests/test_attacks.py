@@ -231,12 +231,17 @@ async def test_slowloris_headers_get_408(tight: Served) -> None:
     assert status_of(answer) == 408
 
 
+# A waiting connection may be dropped for a newcomer after half of this (6 s), and gets
+# its own 408 at the end of it: the 6 s between are the window the eviction below must
+# land in, wide enough for a loaded machine's stalls.
+PER_ADDRESS_DEADLINE_S = 12
+
+
 @pytest.fixture(scope="module")
 def per_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with serve(tmp_path_factory.mktemp("addr"), {
         "HUB_MAX_PENDING_PER_ADDRESS": "5", "HUB_TRUSTED_PROXIES": "127.0.0.3",
-        # A waiting connection may be dropped for a newcomer after half of this: 3 s.
-        "HUB_HANDSHAKE_TIMEOUT_S": "6",
+        "HUB_HANDSHAKE_TIMEOUT_S": str(PER_ADDRESS_DEADLINE_S),
     }) as served:
         yield served
 
@@ -253,7 +258,9 @@ async def test_pending_connections_are_capped_per_address(per_address: Served) -
         # deadline, a newcomer takes its place: it is answered 503 before its own 408.
         first_reader = opened[0][0]
         evicted = asyncio.ensure_future(first_reader.read())
-        deadline = time.monotonic() + 5.5
+        # By the deadline it has been answered in any case (408 if never dropped: the
+        # status check below names that failure).
+        deadline = time.monotonic() + PER_ADDRESS_DEADLINE_S + 10
         while not evicted.done():
             assert time.monotonic() < deadline, "the oldest connection was never dropped"
             opened.append(await asyncio.open_connection("127.0.0.1", port))
@@ -297,6 +304,16 @@ async def _reconnects(served: Served, token: str) -> None:
         await ws.close()
 
 
+async def _websockets_opened(served: Served) -> float:
+    """/ws/events connections the server has opened (hub_frame_path_connections_total, one
+    per connection, whatever its path), open or not."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        metrics = (await http.get(served.url + "/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("hub_frame_path_connections_total{")
+               and 'transport="websocket"' in line)
+
+
 @pytest.mark.parametrize("case", ["keepalive-timeout", "slow-consumer-4008"])
 async def test_a_peer_that_stops_reading_is_dropped(tmp_path: Path, case: str) -> None:
     env = {"HUB_CLOSE_TIMEOUT_S": "1", "HUB_MAX_CONNECTIONS_PER_USER": "1"}
@@ -310,7 +327,12 @@ async def test_a_peer_that_stops_reading_is_dropped(tmp_path: Path, case: str) -
         token = make_token("mallory", "viewer")
         _reader, writer = await stalled_client(served.port, token)
         try:
-            assert (await served.health())["active_connections"] == 1
+            if case == "keepalive-timeout":
+                # Its keepalive may drop it 2 s after the handshake, before a loaded
+                # machine gets to ask whether it is open: that it was opened is what counts.
+                assert await _websockets_opened(served) == 1
+            else:
+                assert (await served.health())["active_connections"] == 1
             # Enough to fill the socket buffers, so a plain close() would wait forever.
             await _publish_big(served.url, 120)
             deadline = time.monotonic() + 30
@@ -477,13 +499,16 @@ def test_an_es256_header_against_an_rsa_key_is_a_reason_not_a_crash() -> None:
 
 # -- 10.6: no session ids in the logs ----------------------------------------------------
 async def test_engineio_sids_never_reach_the_access_log(plain: Served) -> None:
+    redacted = plain.log().count("sid=[redacted]")
     async with httpx.AsyncClient(timeout=10) as client:
         opened = await client.get(plain.url + "/socket.io/?EIO=4&transport=polling")
         sid = json.loads(opened.text[1:])["sid"]
         await client.post(plain.url + f"/socket.io/?EIO=4&transport=polling&sid={sid}",
                           content=b'40{"token":"' + make_token().encode() + b'"}')
         await client.get(plain.url + f"/socket.io/?EIO=4&transport=polling&sid={sid}")
-    await wait_until(lambda: "sid=[redacted]" in plain.log(), 10, "the access log line")
+    # Both requests that carried the sid (the POST and the second GET) are logged.
+    await wait_until(lambda: plain.log().count("sid=[redacted]") >= redacted + 2, 10,
+                     "the access log lines")
     assert sid not in plain.log()
     assert redact("GET /socket.io/?EIO=4&sid=abc&transport=polling") == \
         "GET /socket.io/?EIO=4&sid=[redacted]&transport=polling"

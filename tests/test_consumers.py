@@ -420,6 +420,12 @@ async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its
         return process, out
 
     high: list[str] = []  # what the consumer must get: high threats, in publish order
+
+    def stored_index() -> int:
+        """Where the cursor in Redis is in ``high`` (-1: before the first of them)."""
+        acked = orjson.loads(redis.hget(f"{stream}:consumers", field) or b"{}").get("acked")
+        return high.index(acked) if acked in high else -1
+
     killed = asyncio.Event()
 
     async def publish(total: int) -> None:
@@ -445,6 +451,9 @@ async def test_pipeline_killed_and_instance_restarted_gets_every_event_after_its
                          "the consumer's cursor in Redis")
         publisher = asyncio.create_task(publish(300))
         await wait_until(lambda: len(_tail_ids(out1)) >= 40, 30, "the first run's events")
+        # Its acks trail what it printed (at most one per 0.1 s, then the instance's write):
+        # kill it once they have reached Redis past the 20th, however late they come.
+        await wait_until(lambda: stored_index() >= 20, 30, "the first run's acks in Redis")
         os.kill(first.pid, signal.SIGKILL)  # mid-stream: no goodbye, no last ack
         first.wait()
         at_kill = len(high)

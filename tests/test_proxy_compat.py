@@ -205,11 +205,18 @@ async def test_the_proxy_channel_delivers_every_shape_unchanged_to_both_transpor
         assert [e["id"] for e in other] == ids  # the same events, once each
     for event, body in zip(received[0], bodies, strict=True):
         assert event["timestamp"] == parse_timestamp(json.loads(body)["timestamp"])
+    def legacy(hub: RunningHub, result: str) -> float:
+        return float(hub.hub.metrics.legacy.labels(result)._value.get())
+
+    # Each instance reads every envelope, but the one that did not append an event may
+    # still be reading the channel when the watchers have it: wait for both counts.
+    await wait_until(lambda: all(legacy(h, "appended") + legacy(h, "duplicate") >= len(sent)
+                                 for h in (a, b)),
+                     what="both instances to count every envelope")
     for hub in (a, b):
-        metrics = hub.hub.metrics.legacy
-        assert metrics.labels("nonconforming")._value.get() == NONCONFORMING
-        assert metrics.labels("invalid")._value.get() == 0
-    appended = sum(h.hub.metrics.legacy.labels("appended")._value.get() for h in (a, b))
+        assert legacy(hub, "nonconforming") == NONCONFORMING
+        assert legacy(hub, "invalid") == 0
+    appended = sum(legacy(h, "appended") for h in (a, b))
     assert appended == len(sent)
 
     # Replays carry them too, on both transports.

@@ -140,10 +140,12 @@ async def test_tenant_isolation_over_socketio() -> None:
 
 async def test_token_expiry_disconnects(memory_hub: RunningHub) -> None:
     client = SioClient()
-    await client.connect(memory_hub.url, auth={"token": make_token(ttl=3)})
+    # Valid for 5 to 6 s (exp is whole seconds): the connect, however slow the machine,
+    # comes well before the expiry.
+    await client.connect(memory_hub.url, auth={"token": make_token(ttl=6)})
     import asyncio
 
-    await asyncio.wait_for(client.disconnected.wait(), 15)
+    await asyncio.wait_for(client.disconnected.wait(), 30)
     assert (await client.next_other("token_expired"))["code"] == 4003
 
 

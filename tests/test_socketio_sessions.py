@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import (
     SECRET,
+    RedisServer,
     RunningHub,
     make_settings,
     make_token,
@@ -143,11 +144,13 @@ async def test_close_while_polling_answers_the_pending_get_with_a_noop(
         connected = await session.get()
         assert connected.text.startswith("40")
         pending = asyncio.create_task(session.get())
+        sock = memory_hub.hub.socketio.sio.eio.sockets[session.sid]
+        # The GET waits on the session's queue (hub's LeanQueue keeps its waiters).
         await wait_until(lambda: len(memory_hub.hub.socketio.connections) == 1
-                         and not pending.done(), what="the poll to wait")
-        await asyncio.sleep(0.05)  # let the GET reach engine.io's queue (nothing to await)
+                         and bool(sock.queue._waiters) and not pending.done(),
+                         what="the poll to wait")
         assert (await session.post("1")).status_code == 200  # CLOSE
-        answer = await asyncio.wait_for(pending, 5)
+        answer = await asyncio.wait_for(pending, 10)
         assert (answer.status_code, answer.text) == (200, "6")
 
 
@@ -186,8 +189,10 @@ async def test_an_oversized_polling_post_gets_413_at_once(memory_hub: RunningHub
 
 
 async def test_sessions_that_never_connect_are_capped_and_time_out() -> None:
+    # Long enough that none of the sessions below times out before the caps are checked,
+    # on a loaded machine too.
     settings = make_settings(socketio_unbound_limit=6, socketio_unbound_per_address=3,
-                             socketio_connect_timeout_s=1.0)
+                             socketio_connect_timeout_s=5.0)
     async with run_hub(settings) as running:
         transport = running.hub.socketio
 
@@ -207,8 +212,9 @@ async def test_sessions_that_never_connect_are_capped_and_time_out() -> None:
             assert (await Polling(three, running.url).open()).status_code == 503  # global
             assert len(transport._unbound) == 6
             # Nobody authenticates: the sessions end after the connect timeout.
-            await wait_until(lambda: not transport._unbound, timeout=15,
-                             what="unauthenticated sessions to time out")
+            # (Each leaves _unbound at its timeout; engine.io forgets it once it is closed.)
+            await wait_until(lambda: not transport._unbound and not transport.sio.eio.sockets,
+                             timeout=30, what="unauthenticated sessions to time out")
             assert (await first[0].get()).status_code == 400  # that session is gone
             # A client that does authenticate gets in and stops counting.
             session = Polling(one, running.url)
@@ -317,12 +323,18 @@ async def test_a_stalled_socketio_peer_is_aborted_after_the_close_timeout() -> N
 
 
 # -- tenants on the external-emitter path ----------------------------------------------
-async def test_external_emitter_events_are_tenant_scoped(redis_hubs: tuple[RunningHub, ...]
-                                                         ) -> None:
+async def test_external_emitter_events_are_tenant_scoped(redis_hubs: tuple[RunningHub, ...],
+                                                         redis_server: RedisServer) -> None:
     import socketio
 
     first, _second = redis_hubs
     settings = first.hub.settings
+    # Each instance's manager subscribes to the channel in a task of its own: an emit
+    # published before that is lost.
+    raw = redis_server.client()
+    await wait_until(lambda: raw.pubsub_numsub(settings.socketio_channel)[0][1] >= 2,
+                     what="both instances to subscribe to the Socket.IO channel")
+    raw.close()
     viewers: dict[str, SioClient] = {}
     cases: tuple[tuple[str, dict[str, Any]], ...] = (
         ("a", {"tenant_id": "A"}), ("b", {"tenant_id": "B"}), ("none", {}), ("admin", {}))
@@ -352,7 +364,9 @@ async def test_a_ping_timeout_frees_a_peer_that_stopped_reading() -> None:
     reading, with frames stuck behind its full buffer, the WebSocket's close would wait
     for ever: it is aborted after the close timeout."""
     # No hold for a first message: the events must reach the socket's buffer at once.
-    settings = make_settings(outbox_limit=100_000, ping_interval_s=1, ping_timeout_s=0.5,
+    # Its first ping goes out 3 s after the handshake: time to see it connect (and its
+    # WebSocket) before engine.io drops it, however loaded the machine.
+    settings = make_settings(outbox_limit=100_000, ping_interval_s=3, ping_timeout_s=0.5,
                              close_timeout_s=0.5, resume_hold_s=0)
     async with run_hub(settings) as running:
         _reader, stalled = await stalled_client(

@@ -99,7 +99,7 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   if (word === "end") {
     endSeq = Number(seq);
     checkDone();
-    setTimeout(report, 15000);
+    setTimeout(report, 30000);  // only if something never arrives: a loss
   }
 });
 start(0);
