@@ -335,14 +335,17 @@ async def test_resumes_queue_for_a_small_pool_and_are_retried_then_refused_clear
         assert results == [list(range(i + 1, 100)) for i in range(80)]
 
         ws = await connected(running.ws_url, make_token())
+        metrics = running.hub.metrics
+        # Counted from here: a read above may have been retried once on a loaded machine
+        # (a stall past the pool's wait), which is not what is measured here.
+        retries = metrics.history_retries._value.get()
         own_redis.stop()
         await send_json(ws, {"action": "subscribe", "event_types": ["threat_detected"],
                              "last_event_id": events[0].id})
         while (message := await recv_json(ws, 30))["type"] != "error":
             pass
         assert message["data"]["code"] == "history_unavailable"
-        metrics = running.hub.metrics
-        assert metrics.history_retries._value.get() == 3
+        assert metrics.history_retries._value.get() - retries == 3
         assert metrics.resumes.labels("unavailable")._value.get() == 1
         live = await running.publish("threat_detected", {**THREAT, "n": "live"})
         while (message := await recv_json(ws, 30)).get("id") != live.id:
@@ -359,6 +362,13 @@ async def test_history_pages_cover_everything_once(backend: str, own_redis: Redi
     per page and no XINFO."""
     redis = {"redis_url": own_redis.url} if backend == "redis" else {}
     async with run_hub(make_settings(**redis)) as running:
+        if backend == "redis":
+            # The instance's health markers (every 0.5 s) would land among the 25 events
+            # on a slow machine, taking places in the pages (and, deleted once read back,
+            # leave a page's last_id gone, which costs an XINFO): stop appending them.
+            health = running.hub.dispatcher.backend.loops["health"]
+            health.cancel()
+            await asyncio.wait([health])
         events = [await running.publish("threat_detected", {**THREAT, "n": n})
                   for n in range(25)]
         raw = own_redis.client()

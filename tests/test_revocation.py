@@ -16,7 +16,7 @@ import socketio
 import websockets
 
 from tests.conftest import RedisServer, RunningHub, make_settings, make_token, run_hub
-from tests.helpers import close_code, connected, recv_type, send_json, ws_connect
+from tests.helpers import close_code, connected, recv_type, send_json, wait_until, ws_connect
 from tests.sio_helpers import SioClient
 
 ADMIN = make_token("root-admin", "admin", ttl=3600)
@@ -81,9 +81,9 @@ async def test_user_revocation_reaches_the_other_instance_on_both_transports(
     body = response.json()
     assert body["kind"] == "user_id" and body["value"] == "alice" and body["by"] == "root-admin"
     # Closed on the other instance, on both transports.
-    assert await close_code(ws, timeout=5) == (4003, "token revoked")
-    assert (await asyncio.wait_for(sio.revoked, 5))["message"] == "token revoked"
-    await asyncio.wait_for(sio.disconnected.wait(), 5)
+    assert await close_code(ws, timeout=20) == (4003, "token revoked")
+    assert (await asyncio.wait_for(sio.revoked, 20))["message"] == "token revoked"
+    await asyncio.wait_for(sio.disconnected.wait(), 20)
     await still_open(bob)  # another user is untouched
     # The old token is refused at connect, on both instances and both transports.
     assert await refused(b, alice) == (4003, "token revoked")
@@ -91,7 +91,7 @@ async def test_user_revocation_reaches_the_other_instance_on_both_transports(
     again = _Sio()
     with pytest.raises(socketio.exceptions.ConnectionError):
         await again.connect(b.url, auth={"token": alice})
-    assert (await asyncio.wait_for(again.connect_error, 5))["data"]["reason"] == "token_revoked"
+    assert (await asyncio.wait_for(again.connect_error, 20))["data"]["reason"] == "token_revoked"
     # A token issued after the revocation passes.
     newer = make_token("alice", iat=int(body["at"]) + 1)
     fresh = await connected(b.ws_url, newer)
@@ -138,7 +138,7 @@ async def test_jti_revocation_closes_only_that_token(
     ws1 = await connected(b.ws_url, first)
     ws2 = await connected(b.ws_url, second)
     assert (await revoke(a, jti="token-1")).status_code == 201
-    assert await close_code(ws1, timeout=5) == (4003, "token revoked")
+    assert await close_code(ws1, timeout=20) == (4003, "token revoked")
     await still_open(ws2)
     assert await refused(b, first) == (4003, "token revoked")
     await ws2.close()
@@ -154,8 +154,8 @@ async def test_tenant_revocation_closes_the_tenant_and_newer_tokens_pass(
     await sio.connect(a.url, auth={"token": make_token("frank", tenant_id="acme")})
     response = await revoke(a, tenant_id="acme")
     assert response.status_code == 201
-    assert await close_code(ws, timeout=5) == (4003, "token revoked")
-    await asyncio.wait_for(sio.revoked, 5)
+    assert await close_code(ws, timeout=20) == (4003, "token revoked")
+    await asyncio.wait_for(sio.revoked, 20)
     await still_open(globex)
     assert await refused(a, acme) == (4003, "token revoked")
     newer = make_token("dave", tenant_id="acme", iat=int(response.json()["at"]) + 1)
@@ -168,6 +168,10 @@ async def test_a_refresh_with_a_revoked_token_is_refused(
     a, b = two_hubs
     ws = await connected(b.ws_url, make_token("gina", jti="keep"))
     assert (await revoke(a, jti="stolen")).status_code == 201
+    # b learns it from a notice on Redis, which may come after this refresh on a loaded
+    # machine (nothing orders the two): the refresh is sent once b knows.
+    await wait_until(lambda: any(r["value"] == "stolen" for r in b.hub.revocations.listing()),
+                     what="the other instance to learn the revocation")
     await send_json(ws, {"action": "refresh", "token": make_token("gina", jti="stolen")})
     assert (await recv_type(ws, "error"))["data"]["code"] == "token_revoked"
     await still_open(ws)
@@ -204,7 +208,7 @@ async def test_admin_endpoint_checks_the_caller_and_the_body() -> None:
         # The memory backend: revoked in this instance, listed, enforced.
         ws = await connected(hub.ws_url, make_token("judy"))
         assert (await revoke(hub, user_id="judy")).status_code == 201
-        assert await close_code(ws, timeout=5) == (4003, "token revoked")
+        assert await close_code(ws, timeout=20) == (4003, "token revoked")
         assert [r["value"] for r in await listed(hub)] == ["judy"]
         # A revoked admin cannot publish or revoke any more either.
         assert (await revoke(hub, user_id="root-admin")).status_code == 201
@@ -249,7 +253,7 @@ async def test_hub_revoke_cli(two_hubs: tuple[RunningHub, RunningHub]) -> None:
 
     reply = orjson.loads(out)
     assert (reply["kind"], reply["value"], reply["by"]) == ("user_id", "mike", "ops-oncall")
-    assert await close_code(ws, timeout=5) == (4003, "token revoked")
+    assert await close_code(ws, timeout=20) == (4003, "token revoked")
     # A viewer's token is refused, and says where it came from.
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hub", "revoke", "--jti", "x", "--url", a.url, "--token",
@@ -284,7 +288,7 @@ async def test_admin_connections_lists_every_instance(redis_server: RedisServer)
             seen.update(await listing())
             return {c["user_id"] for c in seen["connections"]} == {"olga", "pete"}
 
-        deadline = asyncio.get_running_loop().time() + 10
+        deadline = asyncio.get_running_loop().time() + 30
         while not await both():
             assert asyncio.get_running_loop().time() < deadline, seen
             await asyncio.sleep(0.1)  # polling the listing until b's snapshot is in

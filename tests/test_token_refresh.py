@@ -17,13 +17,18 @@ from tests.helpers import THREAT, close_code, connected, recv_type, send_json
 from tests.sio_helpers import SioClient
 from tests.sse_helpers import sse_connect
 
-TTL = 2  # seconds: each token lives this long
+# Seconds: each token lives this long (make_token truncates the time: 4 to 5 s from now).
+# Short lifetimes, yet longer than a scheduler stall on a loaded machine: everything a
+# test does with one token (connect, refresh, get the reply) must fit inside it.
+TTL = 5
 LIFETIMES = 3
+LEAD = 4.0  # the notice comes this long before exp: the window a refresh has to get in
 
 
 def _settings() -> Settings:
-    # The notice comes a second before exp: a client refreshing on it keeps its connection.
-    return make_settings(token_expiring_lead_s=1.0)
+    # The notice comes LEAD seconds before exp: a client refreshing on it keeps its
+    # connection (a window of one second is less than a stall on a loaded machine).
+    return make_settings(token_expiring_lead_s=LEAD)
 
 
 def test_refresh_message_parses_and_needs_a_token() -> None:
