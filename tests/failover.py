@@ -243,7 +243,11 @@ async def wait_healthy(hubs: list[HubProcess]) -> None:
     async with httpx.AsyncClient(timeout=5) as http:
         deadline = time.monotonic() + 30
         while True:
-            health = {h.url: (await http.get(f"{h.url}/ws/health")).json() for h in hubs}
+            for h in hubs:  # a hub busy catching up may answer late: ask again
+                try:
+                    health[h.url] = (await http.get(f"{h.url}/ws/health")).json()
+                except httpx.HTTPError as exc:
+                    health[h.url] = {"status": f"no answer ({type(exc).__name__})"}
             if all(v["status"] == "healthy" for v in health.values()):
                 return
             assert time.monotonic() < deadline, f"not healthy after the failover: {health}"

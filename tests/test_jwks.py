@@ -102,7 +102,8 @@ def jwks_settings(server: JwksServer, **overrides: Any) -> Settings:
 
 
 async def accepted(url: str, token: str) -> bool:
-    ws = await ws_connect(url, token)
+    # The handshake waits for any JWKS refetch its kid needs: give it the fetch's time.
+    ws = await ws_connect(url, token, open_timeout=30)
     try:
         first = await asyncio.wait_for(ws.recv(), 10)
         return bool(json.loads(first)["type"] == "connection_established")
@@ -144,7 +145,10 @@ async def test_a_rotated_in_key_is_accepted_without_restart(jwks_server: JwksSer
 
 
 async def test_a_slow_fetch_does_not_block_the_event_loop(jwks_server: JwksServer) -> None:
-    async with run_hub(jwks_settings(jwks_server, jwks_min_refetch_s=1e-6)) as hub:
+    # The fetch is held until the gate opens: a fetch timeout (5 s by default) that a
+    # stalled machine could reach before then would fail the handshake instead.
+    async with run_hub(jwks_settings(jwks_server, jwks_min_refetch_s=1e-6,
+                                     jwks_timeout_s=30)) as hub:
         new = SigningKey()
         jwks_server.keys.append(new)
         jwks_server.gate = threading.Event()

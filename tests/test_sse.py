@@ -104,8 +104,10 @@ async def test_heartbeat_comments_keep_the_stream_alive() -> None:
 
 
 async def test_expiry_sends_token_expired_then_ends_the_stream(memory_hub: RunningHub) -> None:
-    async with sse_connect(memory_hub.url, make_token(ttl=2)) as stream:
-        expired = await stream.next_event("token_expired", timeout=15)
+    # exp is a whole second (make_token truncates now): ttl=6 leaves at least 5 s for the
+    # stream to open, which a stalled machine may need, before the token must be refused.
+    async with sse_connect(memory_hub.url, make_token(ttl=6)) as stream:
+        expired = await stream.next_event("token_expired", timeout=30)
         assert expired.json["data"]["message"] == "token expired"
         assert await stream.next(timeout=10) is None  # the response ends
 

@@ -72,7 +72,10 @@ def wait_workers_ready(hub: HubProcess, instance_ids: set[str]) -> None:
     """start_hub_process returns when one worker answers; poll health (each request on a
     new connection, so any worker may take it) until every worker has answered."""
     seen: set[str] = set()
-    for _ in range(600):
+    # A deadline, not a count of tries: a worker spawned on a loaded machine may take a
+    # while to import and bind.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
             seen.add(httpx.get(f"{hub.url}/ws/health", timeout=2).json()["instance_id"])
         if seen == instance_ids:
