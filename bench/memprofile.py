@@ -19,12 +19,13 @@ import asyncio
 import gc
 import os
 import secrets
-import socket
 import sys
 import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
+
+from bench.procs import free_port
 
 OWNERS = (
     ("/hub/", "hub"),
@@ -54,12 +55,6 @@ def owner(tb: tracemalloc.Traceback) -> tuple[str, str]:
         return "other", f"{os.path.basename(name)}:{frame.lineno}"
     f = frames[0]
     return "stdlib", f"{os.path.basename(f.filename)}:{f.lineno}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,10 +22,24 @@ class BenchError(RuntimeError):
     """A benchmark could not be set up (a server did not start, a tool is missing)."""
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port for a server, from below the kernel's ephemeral range (32768-60999), which
+    the load client's thousands of outgoing connections draw their local ports from: one
+    of them could otherwise take a port between its pick and its server's bind."""
+    while True:
+        port = random.randint(10000, 32767)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def _children(pid: int) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -27,24 +28,60 @@ import jwt
 import pytest
 import redis as redis_sync
 import uvicorn
+from hypothesis import settings as hypothesis_settings
 
 from hub import HubApp, Settings, create_app
 from hub.server import HubServer, uvicorn_config
 
 SECRET = "test-secret-that-is-long-enough-0123456789"
+
+# Property tests: no per-example time limit (Hypothesis' 200 ms default is a timing
+# threshold a loaded machine crosses).
+hypothesis_settings.register_profile("hub", deadline=None)
+hypothesis_settings.load_profile("hub")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Ports for test servers come from below the kernel's ephemeral range (32768-60999 on
+# Linux), which outgoing connections draw their local ports from: a port picked here and
+# freed until its server binds it (or rebinds it after a restart) cannot be taken by a
+# client socket meanwhile. None is handed out twice in one run.
+_PORTS = (10000, 32767)
+_handed_out: set[int] = set()
+
+
+def _pick_port(free: Callable[[int], bool], top: int = _PORTS[1]) -> int:
+    import random
+
+    while True:
+        port = random.randint(_PORTS[0], top)
+        if port not in _handed_out and free(port):
+            _handed_out.add(port)
+            return port
+
+
+def _bindable(*ports: int) -> bool:
+    with contextlib.ExitStack() as stack:
+        try:
+            for port in ports:
+                s = stack.enter_context(socket.socket())
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _pick_port(_bindable)
 
 
 def make_token(sub: str = "alice", role: str | None = "viewer", *, secret: str = SECRET,
                ttl: float = 3600, algorithm: str = "HS256", **claims: Any) -> str:
-    now = int(time.time())
-    payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
+    # exp is whole seconds: rounded up, so the token lives at least ttl (rounding down
+    # took up to a second off every short-lived token of the suite).
+    now = time.time()
+    payload: dict[str, Any] = {"sub": sub, "iat": int(now), "exp": math.ceil(now + ttl),
+                               **claims}
     if role is not None:
         payload["role"] = role
     return jwt.encode(payload, secret, algorithm=algorithm)
@@ -136,20 +173,12 @@ def wait_redis(port: int, process: subprocess.Popen[bytes], timeout: float = 15)
 
 
 def cluster_port() -> int:
-    """A free port for a cluster node: at most 55535 (its bus listens 10000 higher, and
-    must be free too)."""
-    import random
-
-    while True:
-        port = random.randint(20000, 45000)
-        with contextlib.ExitStack() as stack:
-            try:
-                for candidate in (port, port + 10000):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return port
+    """A free port for a cluster node whose bus port, 10000 higher, is free too (and
+    below the ephemeral range as well)."""
+    port = _pick_port(lambda p: p + 10000 not in _handed_out and _bindable(p, p + 10000),
+                      top=_PORTS[1] - 10000)
+    _handed_out.add(port + 10000)
+    return port
 
 
 @dataclass
@@ -368,7 +397,7 @@ class HubProcess:
 def start_hub_process(env: dict[str, str], *args: str, port: int | None = None,
                       tmp_path: Path, log_level: str = "warning",
                       preexec_fn: Callable[[], None] | None = None,
-                      start_timeout: float = 20) -> HubProcess:
+                      start_timeout: float = 60) -> HubProcess:
     """A real ``hub serve`` on a free port, once its health answers 200; ``preexec_fn``
     runs in the child before exec (e.g. to lower its descriptor limit)."""
     port = port or free_port()
