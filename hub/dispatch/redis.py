@@ -129,6 +129,21 @@ def url_options(query: str, bounds: Mapping[str, tuple[int, int]], what: str, *,
     return options, "&".join(rest)
 
 
+def wait_options(url: str) -> tuple[str, dict[str, int]]:
+    """A one-node (``redis://``, ``rediss://``, ``unix://``) or ``redis+sentinel://`` URL
+    without hub's own query options, for redis-py, and those options (``wait_replicas``:
+    default 1 for Sentinel, whose point is a replica to fail over to, 0 otherwise, a single
+    Redis usually having none; ``wait_ms``). A bad option is a ValueError."""
+    base, _, query = url.partition("?")
+    sentinel = urlsplit(url).scheme in {"redis+sentinel", "valkey+sentinel"}
+    what = "Redis Sentinel URL" if sentinel else "Redis URL"
+    # A Sentinel URL's query was never read (python-socketio's format has none): anything
+    # else there is a mistake. A redis:// query also holds redis-py's options.
+    options, rest = url_options(query, WAIT_BOUNDS, what, others=not sentinel)
+    return (f"{base}?{rest}" if rest else base,
+            {"wait_replicas": 1 if sentinel else 0, "wait_ms": DEFAULT_WAIT_MS, **options})
+
+
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, dict[str, Any]]:
     """``redis+sentinel://[:password]@host1:port1,host2:port2,.../db/service_name``: the
     sentinels, the service name and the client's keyword arguments (python-socketio's
@@ -172,6 +187,9 @@ def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
         # The commands hub sends work on both (each touches one slot).
         cluster: aioredis.Redis = open_cluster(url, max_connections)  # type: ignore[assignment]
         return cluster
+    # Without hub's own query options (RedisBackend takes them): redis-py would pass them
+    # on to its connections as keyword arguments, which they refuse.
+    url, _ = wait_options(url)
     if url.startswith("redis+sentinel://"):
         sentinels, service, kwargs = parse_sentinel_url(url)
         # The same bounds for the master's connections (a frozen master must fail calls as
