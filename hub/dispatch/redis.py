@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import unquote_plus, urlsplit
 
 from redis import asyncio as aioredis
@@ -129,7 +129,12 @@ def url_options(query: str, bounds: Mapping[str, tuple[int, int]], what: str, *,
     return options, "&".join(rest)
 
 
-def wait_options(url: str) -> tuple[str, dict[str, int]]:
+class WaitOptions(TypedDict):
+    wait_replicas: int
+    wait_ms: int
+
+
+def wait_options(url: str) -> tuple[str, WaitOptions]:
     """A one-node (``redis://``, ``rediss://``, ``unix://``) or ``redis+sentinel://`` URL
     without hub's own query options, for redis-py, and those options (``wait_replicas``:
     default 1 for Sentinel, whose point is a replica to fail over to, 0 otherwise, a single
@@ -141,7 +146,8 @@ def wait_options(url: str) -> tuple[str, dict[str, int]]:
     # else there is a mistake. A redis:// query also holds redis-py's options.
     options, rest = url_options(query, WAIT_BOUNDS, what, others=not sentinel)
     return (f"{base}?{rest}" if rest else base,
-            {"wait_replicas": 1 if sentinel else 0, "wait_ms": DEFAULT_WAIT_MS, **options})
+            WaitOptions(wait_replicas=options.get("wait_replicas", 1 if sentinel else 0),
+                        wait_ms=options.get("wait_ms", DEFAULT_WAIT_MS)))
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, dict[str, Any]]:
