@@ -124,6 +124,7 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hub-redis-"))
+    args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--replicaof", host, port)
 
     @property
     def url(self) -> str:
@@ -132,7 +133,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.workdir],
+             "--save", "", "--appendonly", "no", "--dir", self.workdir, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis_sync.Redis(port=self.port, socket_connect_timeout=0.5)
