@@ -40,7 +40,7 @@ from typing import Any
 from hub.dispatch.cluster import ShardedBackend, open_cluster, shard_of
 from hub.dispatch.redis import RedisBackend, journal_for, open_redis, wait_options
 from hub.events import Event
-from tests.conftest import RedisClusterNodes, RedisServer, make_settings
+from tests.conftest import RedisClusterNodes, RedisServer, make_settings, start_with_replica
 from tests.helpers import wait_until
 
 TYPES = ["load_c", "load_b", "load_a"]  # one per shard of three
@@ -143,14 +143,9 @@ async def main(args: Any) -> list[dict[str, Any]]:
         finally:
             single.stop()
     if {"replica", "replica-wait"} & set(configs):
-        master = RedisServer(args=("--repl-diskless-sync-delay", "0"))
-        master.start()
-        replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)))
+        master, replica = start_with_replica()
         try:
-            replica.start()
             assert master.process is not None and replica.process is not None
-            await wait_until(lambda: master.client().info("replication").get(
-                "slave0", {}).get("state") == "online", 15, "the replica in sync")
             pids = {master.port: master.process.pid, replica.port: replica.process.pid}
             url = f"redis://127.0.0.1:{master.port}/0"
             for name, query in (("replica", ""), ("replica-wait", "?wait_replicas=1")):

@@ -158,6 +158,28 @@ class RedisServer:
         return redis_sync.Redis(port=self.port)
 
 
+def start_with_replica() -> tuple[RedisServer, RedisServer]:
+    """A private master and its replica (``--replicaof``), in sync: online as the master
+    sees it (the replica's own ``master_link_status`` says up a moment earlier, before the
+    master counts it for ``WAIT``). The caller stops both."""
+    master = RedisServer(args=("--repl-diskless-sync-delay", "0"))  # sync at once
+    master.start()
+    replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)))
+    try:
+        replica.start()
+        client = master.client()
+        deadline = time.monotonic() + 15
+        while client.info("replication").get("slave0", {}).get("state") != "online":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        client.close()
+    except BaseException:
+        replica.stop()
+        master.stop()
+        raise
+    return master, replica
+
+
 def wait_redis(port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
     """Until the redis-server on ``port`` answers PING (or its process exits)."""
     client = redis_sync.Redis(port=port, socket_connect_timeout=0.5)

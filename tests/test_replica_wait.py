@@ -26,7 +26,14 @@ import redis as redis_sync
 from hub.config import Settings
 from hub.dispatch.redis import open_redis
 from hub.errors import ConfigError
-from tests.conftest import SECRET, RedisServer, make_settings, make_token, run_hub
+from tests.conftest import (
+    SECRET,
+    RedisServer,
+    make_settings,
+    make_token,
+    run_hub,
+    start_with_replica,
+)
 from tests.failover import stream_ids
 from tests.helpers import THREAT, connected, recv_json, send_json
 
@@ -36,18 +43,9 @@ WAIT_MS = 500  # a replica in sync confirms within it even on a loaded machine
 
 @pytest.fixture
 def pair() -> Iterator[tuple[RedisServer, RedisServer]]:
-    """A private master and its replica, in sync (online, as the master sees it)."""
-    master = RedisServer(args=("--repl-diskless-sync-delay", "0"))  # sync at once
-    master.start()
-    replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)))
+    """A private master and its replica, in sync."""
+    master, replica = start_with_replica()
     try:
-        replica.start()
-        client = master.client()
-        deadline = time.monotonic() + 15
-        while client.info("replication").get("slave0", {}).get("state") != "online":
-            assert time.monotonic() < deadline, "the replica did not sync"
-            time.sleep(0.05)
-        client.close()
         yield master, replica
     finally:
         replica.stop()  # SIGKILL: a stopped (SIGSTOP) process too
