@@ -110,7 +110,7 @@ class Hub:
     def _backend(self, settings: Settings, redis: aioredis.Redis | None) -> Backend:
         if redis is None and settings.redis_url is None:
             return MemoryBackend(settings.retained_events)
-        from hub.dispatch.redis import RedisBackend, journal_for, open_redis
+        from hub.dispatch.redis import RedisBackend, journal_for, open_redis, wait_options
 
         if redis is None and (settings.redis_url or "").startswith("redis+cluster://"):
             return self._cluster_backend(settings, settings.redis_url or "")
@@ -130,6 +130,8 @@ class Hub:
             history_concurrency=settings.history_concurrency,
             on_health=self._redis_health,
             on_malformed=self.metrics.malformed_entries.inc,
+            # wait_replicas / wait_ms from the URL (none without one: a host's client).
+            **wait_options(settings.redis_url or "redis://")[1],
         )
 
     def _cluster_backend(self, settings: Settings, url: str) -> Backend:

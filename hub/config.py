@@ -307,13 +307,17 @@ class Settings:
                     f"redis+sentinel:// or redis+cluster://, got "
                     f"{scheme + '://' if scheme else 'no scheme'}"
                 )
-            if scheme == "redis+cluster":
-                from hub.dispatch.cluster import parse_cluster_url
+            try:  # the query options hub reads (wait_replicas, wait_ms; shards)
+                if scheme == "redis+cluster":
+                    from hub.dispatch.cluster import parse_cluster_url
 
-                try:
                     parse_cluster_url(self.redis_url)
-                except ValueError as exc:
-                    raise ConfigError(f"REDIS_URL: {exc}") from None
+                else:
+                    from hub.dispatch.redis import wait_options
+
+                    wait_options(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError(f"REDIS_URL: {exc}") from None
         for name in ("history_size", "outbox_limit", "max_message_bytes", "max_data_bytes",
                      "max_subscribe_types", "client_burst", "max_connections",
                      "max_connections_per_user", "refusal_limit",

@@ -124,6 +124,7 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hub-redis-"))
+    args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--replicaof", host, port)
 
     @property
     def url(self) -> str:
@@ -132,7 +133,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.workdir],
+             "--save", "", "--appendonly", "no", "--dir", self.workdir, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis_sync.Redis(port=self.port, socket_connect_timeout=0.5)
@@ -155,6 +156,28 @@ class RedisServer:
 
     def client(self) -> redis_sync.Redis:
         return redis_sync.Redis(port=self.port)
+
+
+def start_with_replica() -> tuple[RedisServer, RedisServer]:
+    """A private master and its replica (``--replicaof``), in sync: online as the master
+    sees it (the replica's own ``master_link_status`` says up a moment earlier, before the
+    master counts it for ``WAIT``). The caller stops both."""
+    master = RedisServer(args=("--repl-diskless-sync-delay", "0"))  # sync at once
+    master.start()
+    replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)))
+    try:
+        replica.start()
+        client = master.client()
+        deadline = time.monotonic() + 15
+        while client.info("replication").get("slave0", {}).get("state") != "online":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        client.close()
+    except BaseException:
+        replica.stop()
+        master.stop()
+        raise
+    return master, replica
 
 
 def wait_redis(port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:

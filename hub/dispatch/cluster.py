@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
@@ -62,7 +62,6 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     ClusterError,
-    NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -77,18 +76,19 @@ from hub.dispatch.journal import Journal, default_journal_dir
 from hub.dispatch.ledger import Ids, Key, format_id
 from hub.dispatch.redis import (
     COMMAND_TIMEOUT_S,
+    DEFAULT_WAIT_MS,
     SOCKET_TIMEOUT_S,
+    WAIT_BOUNDS,
     RedisBackend,
     _str,
+    url_options,
 )
-from hub.dispatch.scripts import EPOCH_SUFFIX, MOVED_SUFFIX
 from hub.events import Event, id_key
 
 log = logging.getLogger("hub.redis")
 
 SLOTS = 16384
 DEFAULT_SHARDS = 3
-DEFAULT_WAIT_MS = 200
 PROBE_DELAY_S = 0.003  # an event waits this long for idle shards before they are probed
 TICK_S = 0.05  # the merge is re-checked at least this often while events wait
 MAX_HOLD_S = 1.0  # the longest a shard that reads but does not move holds the others
@@ -120,16 +120,9 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         options["username"] = parsed.username
     if parsed.password:
         options["password"] = parsed.password
-    bounds = {"shards": (1, 64), "wait_replicas": (0, 8), "wait_ms": (1, 10_000)}
-    for name, values in parse_qs(parsed.query).items():
-        if name not in bounds or not values[-1].isdigit():
-            raise ValueError(f"Invalid Redis Cluster URL option {name!r} (known: "
-                             f"{', '.join(bounds)}, each a number)")
-        low, high = bounds[name]
-        if not low <= int(values[-1]) <= high:
-            raise ValueError(f"Redis Cluster URL option {name} must be in {low}..{high}")
-        options[name] = int(values[-1])
-    return nodes, options
+    numbers, _ = url_options(parsed.query, {"shards": (1, 64), **WAIT_BOUNDS},
+                             "Redis Cluster URL")
+    return nodes, {**options, **numbers}
 
 
 class HubRedisCluster(RedisCluster):
@@ -191,12 +184,10 @@ class ShardBackend(RedisBackend):
 
     def __init__(self, client: Any, *, wait_replicas: int, wait_ms: int,
                  on_read: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(client, owns_client=False, **kwargs)
+        super().__init__(client, owns_client=False, wait_replicas=wait_replicas,
+                         wait_ms=wait_ms, **kwargs)
         self.reading = False  # inside the reader: events delivered now are in stream order
         self._on_read = on_read
-        self._wait_replicas = wait_replicas
-        self._wait_ms = wait_ms
-        self._replicas = wait_replicas  # connected replicas, as the master last said
         self._watermark = client.register_script(WATERMARK)
 
     def _read_entry(self, entry: Any) -> None:
@@ -225,52 +216,20 @@ class ShardBackend(RedisBackend):
                         self._key, format_id(top), format_id(self.ledger.last_read))
             self.ledger.last_read = top
 
-    async def _append(self, event: Event, *, relocate: bool) -> tuple[str, str]:
-        if self._wait_replicas <= 0:
-            return await super()._append(event, relocate=relocate)
-        # The script, then WAIT on the same connection (WAIT counts the replicas that have
-        # every write this connection made). A retry that finds the event present writes
-        # nothing, so a counter is written too: its acknowledgement covers the event.
-        wanted = min(self._wait_replicas, self._replicas)
-        keys = [self._key, self._key + MOVED_SUFFIX, self._key + EPOCH_SUFFIX]
-        args = [self._maxlen, event.id, event.body(), self._instance_id,
-                "1" if relocate else "0", self._epoch or ""]
-        sha = self._append_script.sha
-        commands = [PipelineCommand(0, "EVALSHA", sha, len(keys), *keys, *args)]
-        if relocate:
-            commands.append(PipelineCommand(1, "INCR", self._key + ":sync"))
-        role = PipelineCommand(2, "ROLE")
-        wait = PipelineCommand(3, "WAIT", wanted, self._wait_ms)
-        commands += [role, wait]
+    async def _send(self, commands: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+        """The append's commands (see RedisBackend._append), on one connection to the
+        master of this shard's slot."""
         try:
             node = self.redis.get_node_from_key(self._key)
         except RedisClusterException as exc:  # no node serves the slot now
             self._refresh_slots()
             raise ClusterError(str(exc) or type(exc).__name__) from exc
-        await self._pipeline(node, commands)
-        result: Any = commands[0].result
-        if isinstance(result, NoScriptError):
-            await self.redis.script_load(self._append_script.script)
-            commands[0] = PipelineCommand(0, "EVAL", self._append_script.script, len(keys),
-                                          *keys, *args)
-            await self._pipeline(node, commands)
-            result = commands[0].result
-        for command in commands:
-            if isinstance(command.result, Exception):
-                # MOVED (a failover moved the slot), CLUSTERDOWN, a refused write: the
-                # outcome is unknown to the caller, which journals the event.
-                self._refresh_slots()
-                raise command.result
-        reply: Any = role.result
-        acked: Any = wait.result
-        if not reply or _str(reply[0]) != "master":
-            self._refresh_slots()
-            raise RedisError(f"{node.name} is no longer the master of {self._key}")
-        self._replicas = len(reply[2])
-        if int(acked) < wanted:
-            raise RedisError(f"no replica of {node.name} confirmed the append within "
-                             f"{self._wait_ms} ms")
-        return _str(result[0]), _str(result[1])
+        sent = [PipelineCommand(n, *command) for n, command in enumerate(commands)]
+        await self._pipeline(node, sent)
+        return node.name, [command.result for command in sent]
+
+    async def _master_lost(self) -> None:
+        self._refresh_slots()
 
     async def _pipeline(self, node: ClusterNode, commands: list[PipelineCommand]) -> None:
         """Send ``commands`` on one connection to ``node``. A connection found broken (the

@@ -27,17 +27,18 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypedDict
+from urllib.parse import unquote_plus, urlsplit
 
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from hub.backoff import Backoff
 from hub.config import Settings
@@ -52,6 +53,7 @@ from hub.dispatch.scripts import (
     LEGACY_LOG,
     LEGACY_SUFFIX,
     MOVED_SUFFIX,
+    SYNC_SUFFIX,
     append_event,
 )
 from hub.errors import BackendUnavailable
@@ -94,6 +96,58 @@ def journal_for(settings: Settings, client: Any) -> Journal:
 # default pool raises at once: a burst of resumes was refused for lack of connections).
 POOL_WAIT_S = 2.0
 STOP_WAIT_S = 5.0  # how long stop() waits for its cancelled loops
+
+
+# "Acknowledged means on a replica": an append waits for ``wait_replicas`` replicas to
+# confirm it (``WAIT``), at most ``wait_ms``; the URL query options, on every Redis URL.
+WAIT_BOUNDS = {"wait_replicas": (0, 8), "wait_ms": (1, 10_000)}
+DEFAULT_WAIT_MS = 200
+
+
+def url_options(query: str, bounds: Mapping[str, tuple[int, int]], what: str, *,
+                others: bool = False) -> tuple[dict[str, int], str]:
+    """The options of ``bounds`` that the URL query ``query`` sets, each a number within
+    its bounds, and the rest of the query as it was written. An option not in ``bounds``
+    is a ValueError naming ``what`` (the URL's kind), unless ``others`` (a ``redis://``
+    URL's query also carries redis-py's own options, which are left to it)."""
+    options: dict[str, int] = {}
+    rest = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = (unquote_plus(s) for s in part.partition("="))
+        if name not in bounds and others:
+            rest.append(part)
+            continue
+        if name not in bounds:
+            raise ValueError(f"Invalid {what} option {name!r} (known: {', '.join(bounds)})")
+        low, high = bounds[name]
+        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+            raise ValueError(f"{what} option {name} must be a number in {low}..{high}, "
+                             f"not {value!r}")
+        options[name] = int(value)
+    return options, "&".join(rest)
+
+
+class WaitOptions(TypedDict):
+    wait_replicas: int
+    wait_ms: int
+
+
+def wait_options(url: str) -> tuple[str, WaitOptions]:
+    """A one-node (``redis://``, ``rediss://``, ``unix://``) or ``redis+sentinel://`` URL
+    without hub's own query options, for redis-py, and those options (``wait_replicas``:
+    default 1 for Sentinel, whose point is a replica to fail over to, 0 otherwise, a single
+    Redis usually having none; ``wait_ms``). A bad option is a ValueError."""
+    base, _, query = url.partition("?")
+    sentinel = urlsplit(url).scheme in {"redis+sentinel", "valkey+sentinel"}
+    what = "Redis Sentinel URL" if sentinel else "Redis URL"
+    # A Sentinel URL's query was never read (python-socketio's format has none): anything
+    # else there is a mistake. A redis:// query also holds redis-py's options.
+    options, rest = url_options(query, WAIT_BOUNDS, what, others=not sentinel)
+    return (f"{base}?{rest}" if rest else base,
+            WaitOptions(wait_replicas=options.get("wait_replicas", 1 if sentinel else 0),
+                        wait_ms=options.get("wait_ms", DEFAULT_WAIT_MS)))
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, dict[str, Any]]:
@@ -139,6 +193,9 @@ def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
         # The commands hub sends work on both (each touches one slot).
         cluster: aioredis.Redis = open_cluster(url, max_connections)  # type: ignore[assignment]
         return cluster
+    # Without hub's own query options (RedisBackend takes them): redis-py would pass them
+    # on to its connections as keyword arguments, which they refuse.
+    url, _ = wait_options(url)
     if url.startswith("redis+sentinel://"):
         sentinels, service, kwargs = parse_sentinel_url(url)
         # The same bounds for the master's connections (a frozen master must fail calls as
@@ -179,6 +236,8 @@ class RedisBackend(Backend):
         on_malformed: Callable[[], None] = lambda: None,
         health_window_s: float = HEALTH_WINDOW_S,
         marker_interval_s: float = MARKER_INTERVAL_S,
+        wait_replicas: int = 0,
+        wait_ms: int = DEFAULT_WAIT_MS,
     ) -> None:
         # redis-py's stubs type replies per decode_responses setting; the host's client may
         # use either, and _str() handles both, so replies are taken as Any here.
@@ -231,6 +290,10 @@ class RedisBackend(Backend):
         self._legacy_since_ms = 0  # Redis time just before it subscribed
         self._append_script = client.register_script(APPEND)
         self._claim = client.register_script(CLAIM_LEGACY)
+        # Acknowledged means on a replica (see _append); 0: on the master alone.
+        self._wait_replicas = wait_replicas
+        self._wait_ms = wait_ms
+        self._replicas = wait_replicas  # connected replicas, as the master last said
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, on_event: Callable[[Event], None],
@@ -399,9 +462,69 @@ class RedisBackend(Backend):
         raise RedisError("the stream kept moving past every proposed id")
 
     async def _append(self, event: Event, *, relocate: bool) -> tuple[str, str]:
-        """One run of the append script (``hub.dispatch.scripts.APPEND``) for ``event``."""
-        return await append_event(self._append_script, self._key, self._maxlen, event,
-                                  self._instance_id, relocate=relocate, epoch=self._epoch)
+        """One run of the append script (``hub.dispatch.scripts.APPEND``) for ``event``;
+        with ``wait_replicas``, confirmed by a replica: else a RedisError (the outcome is
+        unknown to the caller, which journals the event and appends it again by id)."""
+        if self._wait_replicas <= 0:
+            return await append_event(self._append_script, self._key, self._maxlen, event,
+                                      self._instance_id, relocate=relocate,
+                                      epoch=self._epoch)
+        # The script, then WAIT on the same connection (WAIT counts the replicas that have
+        # every write this connection made), in one round trip. A retry that finds the
+        # event present writes nothing, so a counter is written too: its acknowledgement
+        # covers the event. ROLE says whether the node is still the master, and how many
+        # replicas it has: while it has none (right after a failover, until the old master
+        # rejoins as its replica) appends are acknowledged on it alone, not refused.
+        wanted = min(self._wait_replicas, self._replicas)
+        keys = [self._key, self._key + MOVED_SUFFIX, self._key + EPOCH_SUFFIX]
+        args = [self._maxlen, event.id, event.body(), self._instance_id,
+                "1" if relocate else "0", self._epoch or ""]
+        commands: list[tuple[Any, ...]] = [
+            ("EVALSHA", self._append_script.sha, len(keys), *keys, *args),
+            *([("INCR", self._key + SYNC_SUFFIX)] if relocate else []),
+            ("ROLE",), ("WAIT", wanted, self._wait_ms)]
+        node, replies = await self._send(commands)
+        if isinstance(replies[0], NoScriptError):
+            await self.redis.script_load(self._append_script.script)
+            commands[0] = ("EVAL", self._append_script.script, len(keys), *keys, *args)
+            node, replies = await self._send(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                # MOVED (a failover moved the slot), CLUSTERDOWN, READONLY, OOM: the
+                # outcome is unknown to the caller, which journals the event.
+                await self._master_lost()
+                raise reply
+        result, role, acked = replies[0], replies[-2], replies[-1]
+        if not role or _str(role[0]) != "master":
+            await self._master_lost()
+            raise RedisError(f"{node} is no longer the master of {self._key}")
+        self._replicas = len(role[2])
+        if int(acked) < wanted:
+            raise RedisError(f"no replica of {node} confirmed the append within "
+                             f"{self._wait_ms} ms")
+        return _str(result[0]), _str(result[1])
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+        """Send ``commands`` in one pipeline (not a transaction) on one connection to the
+        master: which node that was, and each reply (an error reply as its exception)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies = await pipe.execute(raise_on_error=False)
+        pool = self.redis.connection_pool
+        # A Sentinel master: the address the sentinels last named; else the URL's.
+        address = getattr(pool, "master_address", None) or (
+            pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port"))
+        return pool.connection_kwargs.get("path") or f"{address[0]}:{address[1]}", replies
+
+    async def _master_lost(self) -> None:
+        """The master refused an append or said it is a master no longer: a Sentinel
+        client asks the sentinels now (its pool then drops the old master's connections:
+        redis-py does so by itself only for READONLY replies)."""
+        pool = self.redis.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            with contextlib.suppress(RedisError, OSError):
+                await pool.get_master_address()  # type: ignore[no-untyped-call]
 
     def _wrote(self, error: BaseException | None) -> None:
         if error is None:

@@ -10,6 +10,9 @@ from hub.events import Event
 MOVED_SUFFIX = ":moved"
 EPOCH_SUFFIX = ":epoch"
 LEGACY_SUFFIX = ":legacy"
+# Written by a re-append that waits for a replica (``WAIT``): when the event is present
+# already the script writes nothing, and WAIT would confirm nothing about it.
+SYNC_SUFFIX = ":sync"
 
 # Appending one event under the id chosen at its source (``hub.dispatch.ledger.Ids``):
 # - "present": that event is in the stream already (a retry or re-append of a command that
