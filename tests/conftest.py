@@ -228,6 +228,8 @@ class RedisClusterNodes:
             [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms), "--save", "",
+             # A node started again syncs with its new master at once (not after 5 s).
+             "--repl-diskless-sync-delay", "0",
              "--appendonly", "no", "--dir", str(directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_redis(port, self.processes[port])
