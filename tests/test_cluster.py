@@ -20,8 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 import redis as redis_sync
+import socketio
 from redis.crc import key_slot
 
 from hub.config import Settings
@@ -38,7 +41,17 @@ from tests.conftest import (
     make_token,
     run_hub,
 )
-from tests.helpers import connected, recv_json, send_json
+from tests.helpers import (
+    THREAT,
+    close_code,
+    connected,
+    recv_json,
+    recv_type,
+    send_json,
+    wait_until,
+    ws_connect,
+)
+from tests.sio_helpers import SioClient
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +187,177 @@ async def test_one_order_on_every_instance_and_resume_from_any_id(
                 pass
             assert message["id"] == external.id
             await ws.close()
+
+
+def _subscribers(cluster: RedisClusterNodes, channel: str) -> int:
+    """How many connections are subscribed to ``channel`` on the whole cluster (PUBSUB
+    NUMSUB answers for its own node only)."""
+    total = 0
+    for port, process in cluster.processes.items():
+        if process.poll() is None:
+            client = redis_sync.Redis(port=port, socket_timeout=1)
+            total += int(client.pubsub_numsub(channel)[0][1])
+            client.close()
+    return total
+
+
+def _other_nodes(cluster: RedisClusterNodes, channel: str) -> list[int]:
+    """The nodes, masters and replicas, that hold none of ``channel``'s subscriptions: a
+    PUBLISH there reaches them only through the cluster bus."""
+    others = []
+    for port in cluster.roles():
+        client = redis_sync.Redis(port=port, socket_timeout=1)
+        if not int(client.pubsub_numsub(channel)[0][1]):
+            others.append(port)
+        client.close()
+    assert others, f"every node has subscribers of {channel}"
+    return others
+
+
+async def test_the_legacy_channel_reaches_both_instances_once_each(
+        cluster: RedisClusterNodes) -> None:
+    """The proxy PUBLISHes envelopes on the legacy channel, on a node the instances did
+    not subscribe on, then through a cluster client: both instances receive each one (the
+    cluster broadcasts a PUBLISH to every node), the claim script appends each one once
+    (identical envelopes are distinct events) and every client gets each once, in the
+    order of its publisher's connection."""
+    settings = _settings(cluster, f"hub:cluster:{uuid.uuid4().hex[:8]}")
+    channel = settings.legacy_channel
+    async with run_hub(settings) as a, \
+            run_hub(settings.replace(instance_id=settings.instance_id + "-b")) as b:
+        clients = [await connected(h.ws_url, make_token()) for h in (a, b)]
+        await wait_until(lambda: _subscribers(cluster, channel) >= 2,
+                         what="both instances to subscribe to the legacy channel")
+        node = redis_sync.Redis(port=_other_nodes(cluster, channel)[0])
+        whole = redis_sync.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+        sent: list[dict[str, Any]] = []
+        ids: list[list[str]] = [[], []]
+        publishers: tuple[Any, ...] = (node, whole)
+        for phase, publisher in enumerate(publishers):
+            envelopes = [{"type": "threat_detected", "timestamp": "2026-02-05T10:30:00+00:00",
+                          "data": {**THREAT, "phase": phase}}] * 3  # three identical ones
+            envelopes.append({"type": "scan_event", "data": {"phase": phase}})  # not a spec type
+            for envelope in envelopes:
+                publisher.publish(channel, orjson.dumps(envelope))
+                publisher.publish(channel, b"{not json")
+            sent += envelopes
+            for ws, seen in zip(clients, ids, strict=True):
+                got = [await recv_json(ws) for _ in envelopes]
+                assert [(m["type"], m["data"]) for m in got] == [
+                    (e["type"], e["data"]) for e in envelopes]
+                seen += [m["id"] for m in got]
+        assert ids[0] == ids[1] and len(set(ids[0])) == len(sent)
+
+        def count(result: str) -> float:
+            return float(sum(h.hub.metrics.legacy.labels(result)._value.get()
+                             for h in (a, b)))
+
+        await wait_until(lambda: count("appended") + count("duplicate") == 2 * len(sent),
+                         what="both instances to claim every envelope")
+        assert count("appended") == count("duplicate") == len(sent)
+        assert count("invalid") == 2 * len(sent)
+        # Once in the stream (the first shard's), and nothing more reaches the clients: the
+        # next event of that shard is the next thing they get.
+        backend = a.hub.dispatcher.backend
+        assert isinstance(backend, ShardedBackend)
+        first = backend.shards[0]
+        stored = [first._decode(entry) for entry in await first.redis.xrange(first._key)]
+        assert [e.id for e in stored if e is not None and e.type != "system_status"] == ids[0]
+        after = await a.publish(TYPES[0], {"n": "after"})  # TYPES[0]: the first shard
+        for ws in clients:
+            assert (await recv_json(ws))["id"] == after.id
+            await ws.close()
+        node.close()
+        whole.close()
+
+
+async def test_a_revocation_on_one_instance_closes_the_users_connections_on_the_other(
+        cluster: RedisClusterNodes) -> None:
+    """POST /admin/revocations on a: b closes alice's connections of both transports
+    (the notice on the cluster's pub/sub, published after the hash is stored) and refuses
+    her token afterwards; an instance started later loads the hash. GET
+    /admin/connections on a lists b's connections (b's snapshot in the cluster)."""
+    settings = _settings(cluster, f"hub:cluster:{uuid.uuid4().hex[:8]}",
+                         connections_registry_s=0.2)
+    admin = {"Authorization": f"Bearer {make_token('root', 'admin')}"}
+    alice = make_token("alice")
+    async with run_hub(settings) as a, \
+            run_hub(settings.replace(instance_id=settings.instance_id + "-b")) as b, \
+            httpx.AsyncClient(timeout=10) as http:
+        ws = await connected(b.ws_url, alice)
+        bob = await connected(b.ws_url, make_token("bob"))
+        carol = await connected(a.ws_url, make_token("carol"))
+        sio = SioClient()
+        revoked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sio.client.on("token_revoked", lambda data: revoked.set_result(data))
+        await sio.connect(b.url, auth={"token": alice})
+
+        listing: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while True:  # until b's snapshot is in the cluster (stored every 0.2 s)
+            response = await http.get(f"{a.url}/admin/connections", headers=admin)
+            assert response.status_code == 200, response.text
+            listing = response.json()
+            where = sorted((c["user_id"], c["transport"], c["instance_id"])
+                           for c in listing["connections"])
+            if len(where) == 4 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        a_id, b_id = settings.instance_id, settings.instance_id + "-b"
+        assert where == [("alice", "socketio", b_id), ("alice", "websocket", b_id),
+                         ("bob", "websocket", b_id), ("carol", "websocket", a_id)], listing
+        assert set(listing["instances"]) == {a_id, b_id} and not listing["problems"]
+
+        posted = time.monotonic()
+        response = await http.post(f"{a.url}/admin/revocations", headers=admin,
+                                   json={"user_id": "alice", "reason": "laptop stolen"})
+        assert response.status_code == 201, response.text
+        assert await close_code(ws) == (4003, "token revoked")
+        assert (await asyncio.wait_for(revoked, 10))["message"] == "token revoked"
+        await asyncio.wait_for(sio.disconnected.wait(), 10)
+        print(f"\nrevocation on a closed alice's connections on b in "
+              f"{time.monotonic() - posted:.3f} s")
+        for other in (bob, carol):  # other users, on both instances, are untouched
+            await send_json(other, {"action": "ping"})
+            assert (await recv_type(other, "pong"))["type"] == "pong"
+            await other.close()
+        for hub in (a, b):  # refused on both instances afterwards
+            assert await close_code(await ws_connect(hub.ws_url, alice)) == (
+                4003, "token revoked")
+        async with run_hub(settings.replace(instance_id=settings.instance_id + "-c")) as c:
+            assert await close_code(await ws_connect(c.ws_url, alice)) == (
+                4003, "token revoked")
+            assert [r["value"] for r in c.hub.revocations.listing()] == ["alice"]
+
+
+async def test_an_external_socketio_emitter_on_one_node_reaches_both_instances(
+        cluster: RedisClusterNodes) -> None:
+    """python-socketio's write-only ``AsyncRedisManager`` takes a ``redis://`` URL of one
+    node: given any node, master or replica (here each one the instances' subscriptions
+    are not on), its emits reach the Socket.IO clients of both instances."""
+    settings = _settings(cluster, f"hub:cluster:{uuid.uuid4().hex[:8]}")
+    channel = settings.socketio_channel
+    async with run_hub(settings) as a, \
+            run_hub(settings.replace(instance_id=settings.instance_id + "-b")) as b:
+        clients = [SioClient(), SioClient()]
+        for client, hub in zip(clients, (a, b), strict=True):
+            await client.connect(hub.url, auth={"token": make_token()})
+        await wait_until(lambda: _subscribers(cluster, channel) >= 2,
+                         what="both instances to subscribe to the Socket.IO channel")
+        ports = _other_nodes(cluster, channel)
+        assert {cluster.roles()[p] for p in ports} == {"master", "slave"}
+        for n, port in enumerate(ports):
+            emitter = socketio.AsyncRedisManager(f"redis://127.0.0.1:{port}/0",
+                                                 write_only=True, channel=channel)
+            envelope = {"id": f"0-{n}", "type": "threat_detected",
+                        "timestamp": "2025-01-15T10:30:00Z", "data": THREAT}
+            await emitter.emit("threat_detected", envelope, namespace="/",
+                               room="threat_detected")
+            await emitter.redis.aclose()
+        for client in clients:
+            assert [(await client.next_event())["id"] for _ in ports] == [
+                f"0-{n}" for n in range(len(ports))]
+            await client.close()
 
 
 def _role(port: int) -> str:
