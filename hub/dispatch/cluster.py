@@ -252,6 +252,12 @@ class ShardBackend(RedisBackend):
         # error; a pipeline sent to a node directly must ask for it).
         self.redis._initialize = True
 
+    async def _server_time(self) -> Any:
+        # The clock of the node that runs the claim script, which compares its own TIME
+        # with the one read here: a cluster's nodes are other machines, other clocks.
+        return await self.redis.execute_command(
+            "TIME", target_nodes=self.redis.get_node_from_key(self._key))
+
     async def watermark(self, position: Key) -> None:
         """Make this shard's readers read past ``position`` soon (see the module doc)."""
         await asyncio.wait_for(self._watermark(

@@ -811,8 +811,12 @@ class RedisBackend(Backend):
             if not self.ledger.pending:
                 self._wrote(None)
 
+    async def _server_time(self) -> Any:
+        """Redis' ``TIME`` where the legacy claim script runs."""
+        return await self.redis.time()
+
     async def _subscribe_legacy(self) -> Any:
-        seconds, micros = await self.redis.time()
+        seconds, micros = await self._server_time()
         since_ms = int(seconds) * 1000 + int(micros) // 1000
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
