@@ -161,19 +161,23 @@ class Revocations:
                                 instance_id=self._settings.instance_id, reason=reason)
         if self._redis is not None:
             raw = orjson.dumps(revocation.as_dict())
-            # A cluster client refuses PUBLISH in a pipeline: it goes after the hash there.
-            cluster = isinstance(self._redis, RedisCluster)
+            # A cluster client refuses PUBLISH in a pipeline: it goes after the hash there,
+            # through the node that stored it (a PUBLISH on any node reaches the whole
+            # cluster; redis-py would send it to the master of the channel's slot, which
+            # may be down while the hash's is not).
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._hash, revocation.key, raw)
                 # The whole hash expires with its newest entry (entries past their own
                 # expiry are dropped when read).
                 pipe.expire(self._hash, int(self._lifetime) + 1)
-                if not cluster:
+                if not isinstance(self._redis, RedisCluster):
                     pipe.publish(self._channel, raw)
                 try:
                     await asyncio.wait_for(pipe.execute(), 5)
-                    if cluster:
-                        await asyncio.wait_for(self._redis.publish(self._channel, raw), 5)
+                    if isinstance(self._redis, RedisCluster):
+                        node = self._redis.get_node_from_key(self._hash)
+                        await asyncio.wait_for(
+                            self._redis.publish(self._channel, raw, target_nodes=node), 5)
                 except TimeoutError:
                     raise OSError("Redis did not answer within 5 s") from None
         audit.warning("revocation: %s %s revoked by %s on %s%s", kind.value, value, by,
