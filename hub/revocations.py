@@ -30,6 +30,7 @@ import orjson
 from redis.asyncio.cluster import RedisCluster
 
 from hub.backoff import Backoff
+from hub.dispatch.redis import subscribe
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -207,10 +208,10 @@ class Revocations:
         assert self._redis is not None
         backoff = Backoff(base=0.2, cap=5.0)
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: Any = None
             try:
                 try:
-                    await asyncio.wait_for(pubsub.subscribe(self._channel), 5)
+                    pubsub = await asyncio.wait_for(subscribe(self._redis, self._channel), 5)
                     # After subscribing: nothing falls between the two.
                     await asyncio.wait_for(self._reload(), 5)
                 finally:
@@ -235,8 +236,9 @@ class Revocations:
                 log.warning("revocation notices: %s; retrying", exc)
                 await asyncio.sleep(backoff.next_delay())
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), 1)  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(pubsub.aclose(), 1)
 
     async def _reload(self) -> None:
         assert self._redis is not None

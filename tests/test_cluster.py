@@ -5,18 +5,22 @@ A local cluster of three masters and three replicas (``redis-server --cluster-en
 ``REDIS_URL=redis+cluster://…``: three event types, one per shard (each shard's stream on
 another master). Checked: every instance delivers the same events in the same order (the
 merge by stream position), a resume from any id on an instance that never saw the events
-returns exactly the later ones, paged across shards; and under a steady load on two
-``hub serve`` instances, a master killed with SIGKILL and failed over to its replica: per
-client, nothing acknowledged is lost or duplicated, each type stays in publish order.
+returns exactly the later ones, paged across shards; the paths that go through the
+cluster's pub/sub (the legacy channel, revocations, python-socketio's channel and an
+external emitter) across two instances, and again after the node they subscribed on died;
+and under a steady load on two ``hub serve`` instances, a master killed with SIGKILL and
+failed over to its replica: per client, nothing acknowledged is lost or duplicated, each
+type stays in publish order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +364,98 @@ async def test_an_external_socketio_emitter_on_one_node_reaches_both_instances(
             await client.close()
 
 
+def _owners(cluster: RedisClusterNodes) -> Callable[[str], int]:
+    """The master port serving a key's (or channel's) slot, as the cluster says now."""
+    client = redis_sync.Redis(port=next(iter(cluster.roles())), socket_timeout=1)
+    ranges = [(start, end, int(master[1])) for start, end, master, *_ in client.cluster("slots")]
+    client.close()
+    return lambda name: next(port for start, end, port in ranges
+                             if start <= key_slot(name.encode()) <= end)
+
+
+async def test_the_subscriptions_follow_a_failover_of_their_node(
+        cluster: RedisClusterNodes) -> None:
+    """The legacy channel, the revocation notices and python-socketio's channel are all
+    subscribed on the master of one slot, which is killed (its replica takes over). A
+    revocation made at once on a (its hash on another master) is stored and applied, or
+    refused and stored nowhere. Each subscription is made again on a node that answers,
+    and once the replica is promoted each path works: an external emit reaches both
+    Socket.IO clients, an envelope both instances' clients once, and b closes the revoked
+    user's connection."""
+    owner = _owners(cluster)
+    while True:  # the revocations' hash on another master than their notices' channel
+        stream = f"hub:cluster:{uuid.uuid4().hex[:8]}"
+        victim = owner(stream + ":revocations:notice")
+        if owner(stream + ":revocations") != victim:
+            break
+
+    def on_victim(prefix: str) -> str:
+        return next(name for name in (f"{prefix}-{n}" for n in itertools.count())
+                    if owner(name) == victim)
+
+    settings = _settings(cluster, stream, legacy_channel=on_victim("legacy"),
+                         socketio_channel=on_victim("socketio"))
+    channels = (settings.legacy_channel, settings.socketio_channel,
+                stream + ":revocations:notice")
+    async with run_hub(settings) as a, \
+            run_hub(settings.replace(instance_id=settings.instance_id + "-b")) as b:
+        clients = [SioClient(), SioClient()]
+        for client, hub in zip(clients, (a, b), strict=True):
+            await client.connect(hub.url, auth={"token": make_token()})
+
+        def subscribed() -> bool:
+            return all(_subscribers(cluster, channel) >= 2 for channel in channels)
+
+        await wait_until(subscribed, what="both instances to subscribe")
+        mallory = await connected(b.ws_url, make_token("mallory"))
+        replica = cluster.replica_of(victim)
+        cluster.kill(victim)
+        # A revocation at once, before the cluster notices (1 s): the hash's master takes
+        # it, the notice channel's master is gone. Stored and applied, or (the cluster
+        # down already) refused and stored nowhere; never stored but refused.
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(
+                f"{a.url}/admin/revocations", json={"user_id": "mallory"},
+                headers={"Authorization": f"Bearer {make_token('root', 'admin')}"})
+        assert response.status_code in (201, 503), response.text
+        await wait_until(subscribed, timeout=30, what="both instances to subscribe again")
+        # Until the replica is promoted the cluster answers CLUSTERDOWN to commands on
+        # keys (the claim script's, the revocation's): an envelope then is not ingested.
+        await _promoted(cluster, replica)
+        live = next(iter(cluster.roles()))  # a node that answers (the victim does not)
+        emitter = socketio.AsyncRedisManager(f"redis://127.0.0.1:{live}/0", write_only=True,
+                                             channel=settings.socketio_channel)
+        await emitter.emit("threat_detected", {"id": "0-1", "type": "threat_detected",
+                                               "timestamp": "2025-01-15T10:30:00Z",
+                                               "data": THREAT},
+                           namespace="/", room="threat_detected")
+        for client in clients:
+            assert (await client.next_event())["data"] == THREAT
+            await client.close()
+        await emitter.redis.aclose()
+        watchers = [await connected(h.ws_url, make_token()) for h in (a, b)]
+        node = redis_sync.Redis(port=live)
+        node.publish(settings.legacy_channel, orjson.dumps({"type": "scan_event",
+                                                            "data": {"after": "failover"}}))
+        node.close()
+        for ws in watchers:
+            assert (await recv_json(ws))["data"] == {"after": "failover"}
+        stored = redis_sync.RedisCluster(host="127.0.0.1", port=live)
+        if response.status_code == 201:  # by the notice, or the hash b reloads
+            assert await close_code(mallory) == (4003, "token revoked")
+        else:
+            assert not stored.hexists(stream + ":revocations", "user_id:mallory")
+            await mallory.close()
+        stored.close()
+        marker = await a.publish("threat_detected", THREAT)
+        for ws in watchers:  # the envelope was delivered once: the next event is this one
+            assert (await recv_json(ws))["id"] == marker.id
+            await ws.close()
+    # The killed master comes back as a replica of its old replica, for the next tests.
+    await asyncio.to_thread(cluster.start_node, victim)
+    await _rejoined(cluster, victim)
+
+
 def _role(port: int) -> str:
     client = redis_sync.Redis(port=port, socket_timeout=1)
     try:
@@ -457,9 +553,23 @@ async def _run(cluster: RedisClusterNodes, hubs: list[HubProcess], stream: str,
         await asyncio.to_thread(cluster.start_node, victim)
     else:
         cluster.processes[victim].send_signal(signal.SIGCONT)
-    # It first comes back still calling itself the master of its slots (wait_ok takes a
-    # master's cluster_state:ok as enough) until gossip demotes it: until then master_of()
-    # may name it for the shard it lost.
+    await _rejoined(cluster, victim)
+
+
+async def _promoted(cluster: RedisClusterNodes, replica: int) -> None:
+    """Until ``replica`` is the master of its old master's slots and the cluster is ok."""
+    deadline = time.monotonic() + 30
+    while await asyncio.to_thread(_role_or_none, replica) != "master":
+        assert time.monotonic() < deadline, f"{replica} was not promoted"
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(cluster.wait_ok)
+
+
+async def _rejoined(cluster: RedisClusterNodes, victim: int) -> None:
+    """Until a failed-over master, started again, is a replica and the cluster whole. It
+    first comes back still calling itself the master of its slots (wait_ok takes a master's
+    cluster_state:ok as enough) until gossip demotes it: until then master_of() may name
+    it for the slots it lost."""
     deadline = time.monotonic() + 30
     while await asyncio.to_thread(_role_or_none, victim) != "slave":
         assert time.monotonic() < deadline, f"{victim} did not rejoin as a replica"

@@ -301,7 +301,7 @@ def test_socketio_server_hooks_hub_overrides() -> None:
                  "basic_leave_room", "connect"):
         expect(callable(getattr(socketio.AsyncManager, name, None)), "python-socketio",
                f"AsyncManager.{name}")
-    for name in ("_redis_connect", "_redis_listen_with_retries", "_handle_emit"):
+    for name in ("_redis_connect", "_listen", "_handle_emit"):
         expect(callable(getattr(socketio.AsyncRedisManager, name, None)), "python-socketio",
                f"AsyncRedisManager.{name}")
     expect(callable(getattr(server, "get_environ", None)), "python-socketio",

@@ -34,11 +34,12 @@ from typing import Any, TypedDict
 from urllib.parse import unquote_plus, urlsplit
 
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 
 from hub.backoff import Backoff
 from hub.config import Settings
@@ -212,6 +213,55 @@ def open_redis(url: str, max_connections: int = 100) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=POOL_WAIT_S, **options)
     return aioredis.Redis.from_pool(pool)
+
+
+class NodePubSub(aioredis.client.PubSub):
+    """A subscription on a connection of its own to one node of a cluster, outside the
+    cluster client's pools: redis-py's ``ClusterPubSub`` borrows a node's pooled
+    connection, which the client closes with all the others whenever a node answers
+    CLUSTERDOWN (as every one does while a failed master's slots are uncovered), so
+    every subscription would drop, and lose what is published meanwhile, in any failover."""
+
+    async def aclose(self) -> None:
+        await super().aclose()  # type: ignore[no-untyped-call]
+        await self.connection_pool.disconnect()
+
+
+async def subscribe(client: Any, channel: str) -> Any:
+    """A PubSub of ``client`` subscribed to ``channel`` (its subscribe messages ignored).
+
+    On a Redis Cluster a PUBLISH on any node reaches the subscribers of every node, so a
+    subscription may be on any node: on the first that takes the SUBSCRIBE, the master of
+    the channel's slot (as the client's slot map says) first, then the map's other nodes
+    in the order of their names, so every instance picks the same node; a
+    :class:`NodePubSub`. redis-py's own choice, that master alone, stays on it when it dies
+    until something reads the slot map again (nothing may: the node need hold nothing
+    else of this instance's), and the map need not list replicas (Redis leaves out those
+    that have replicated nothing)."""
+    if not isinstance(client, RedisCluster):
+        return await _subscribed(client.pubsub(ignore_subscribe_messages=True), channel)
+    first = client.nodes_manager.slots_cache.get(client.keyslot(channel), [])
+    nodes = [*first, *sorted((n for n in client.get_nodes() if n not in first),
+                             key=lambda n: n.name)]
+    error: Exception = ClusterError(f"no cluster node known to subscribe to {channel!r} on")
+    for node in nodes:
+        pool = aioredis.ConnectionPool(connection_class=node.connection_class,
+                                       **node.connection_kwargs)
+        try:
+            return await _subscribed(NodePubSub(connection_pool=pool, encoder=client.encoder,
+                                                ignore_subscribe_messages=True), channel)
+        except (RedisError, OSError) as exc:
+            error = exc
+    raise error
+
+
+async def _subscribed(pubsub: Any, channel: str) -> Any:
+    try:
+        await pubsub.subscribe(channel)
+    except BaseException:
+        await pubsub.aclose()
+        raise
+    return pubsub
 
 
 class RedisBackend(Backend):
@@ -818,12 +868,7 @@ class RedisBackend(Backend):
     async def _subscribe_legacy(self) -> Any:
         seconds, micros = await self._server_time()
         since_ms = int(seconds) * 1000 + int(micros) // 1000
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self._legacy_channel)
-        except BaseException:
-            await pubsub.aclose()
-            raise
+        pubsub = await subscribe(self.redis, self._legacy_channel)
         # A new subscription receives messages from here on: a fresh name and count for
         # the claim script, which aligns it with the channel's shared message count.
         self._legacy_sub = f"{self._instance_id}:{secrets.token_hex(4)}"

@@ -26,6 +26,8 @@ from redis import asyncio as aioredis
 from socketio import packet as sio_packet
 
 from hub._compat import engineio as eio_compat
+from hub.backoff import Backoff
+from hub.dispatch.redis import subscribe
 
 log = logging.getLogger("hub.socketio")
 
@@ -144,19 +146,33 @@ class HubRedisManager(ConnectHookMixin, socketio.AsyncRedisManager):  # type: ig
         self._client = client
 
     def _redis_connect(self) -> None:
-        # python-socketio calls this again after each lost connection: keep the one PubSub
-        # (it reconnects and subscribes again itself); a new one each time would strand
-        # the old one's pool connection.
+        # python-socketio's publish path calls this (again after a failed publish): hub's
+        # client, which reconnects by itself.
         self.redis = self._client
-        if getattr(self, "pubsub", None) is None:
-            self.pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         self.connected = True
 
     async def _listen(self) -> Any:
-        # The host's client may decode responses, so the channel may be str or bytes.
-        async for message in self._redis_listen_with_retries():
-            if message.get("type") == "message" and _str(message["channel"]) == self.channel:
-                yield message["data"]
+        """The channel's messages, on a PubSub of hub's client: a new one after a lost
+        connection (python-socketio keeps its one, but a Redis Cluster's stays on the node
+        of its first SUBSCRIBE, which a failover may have taken away for good), on hub's
+        backoff (python-socketio's doubles up to 60 s between attempts)."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        while True:
+            pubsub: Any = None
+            try:
+                self.pubsub = pubsub = await subscribe(self._client, self.channel)
+                backoff.reset()
+                async for message in pubsub.listen():
+                    # The host's client may decode responses: the channel, str or bytes.
+                    if (message.get("type") == "message"
+                            and _str(message["channel"]) == self.channel):
+                        yield message["data"]
+            except Exception as exc:  # Redis down or the connection lost: subscribe again
+                log.warning("Socket.IO channel %s: %s; subscribing again", self.channel, exc)
+            finally:
+                if pubsub is not None:
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff.next_delay())
 
     async def _handle_emit(self, message: dict[str, Any]) -> None:
         if message.get("callback") is not None or message.get("binary"):
