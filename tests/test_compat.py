@@ -396,3 +396,40 @@ def _versions(record_property: Any) -> None:
 
     for name in ("uvicorn", "python-engineio", "python-socketio"):
         record_property(name, version(name))
+
+
+# -- redis-py ---------------------------------------------------------------------------
+def test_redis_py_internals_the_cluster_and_sentinel_code_reaches_into() -> None:
+    """hub/dispatch/cluster.py (ShardBackend: a pipeline sent to one node, the slot map
+    read again) and hub/dispatch/redis.py (subscribe(): a PubSub on a connection of its own
+    to a node; the Sentinel master asked again) use redis-py beyond its documented API."""
+    from redis.asyncio.client import PubSub
+    from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+    from redis.asyncio.connection import ConnectionPool
+    from redis.asyncio.sentinel import SentinelConnectionPool
+    from redis.crc import key_slot
+
+    command = PipelineCommand(3, "WAIT", 1, 200)
+    expect((command.position, command.args, command.result) == (3, ("WAIT", 1, 200), None),
+           "redis", "PipelineCommand(position, *args) keeps position, args and a result")
+    expect(list(inspect.signature(ClusterNode.execute_pipeline).parameters)
+           == ["self", "commands"], "redis", "ClusterNode.execute_pipeline(commands)")
+    node = ClusterNode("127.0.0.1", 7000, socket_timeout=2)
+    expect(node.name == "127.0.0.1:7000" and node.connection_kwargs.get("socket_timeout") == 2
+           and isinstance(node.connection_class, type), "redis",
+           "a ClusterNode has name, connection_class and connection_kwargs")
+    ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+    cluster = RedisCluster(host="127.0.0.1", port=7000)  # connects on first use only
+    expect(isinstance(cluster.nodes_manager.slots_cache, dict), "redis",
+           "RedisCluster.nodes_manager.slots_cache maps a slot to its nodes")
+    expect(cluster.keyslot("koreshield:events") == key_slot(b"koreshield:events"), "redis",
+           "RedisCluster.keyslot(key) is the key's slot")
+    expect(callable(cluster.get_nodes) and hasattr(cluster, "encoder"), "redis",
+           "RedisCluster.get_nodes() and .encoder")
+    expect("self._initialize = True" in inspect.getsource(RedisCluster), "redis",
+           "setting RedisCluster._initialize makes the next command read the slot map")
+    expect({"connection_pool", "ignore_subscribe_messages", "encoder"}
+           <= set(inspect.signature(PubSub.__init__).parameters), "redis",
+           "PubSub(connection_pool, ignore_subscribe_messages, encoder)")
+    expect(callable(getattr(SentinelConnectionPool, "get_master_address", None)), "redis",
+           "SentinelConnectionPool.get_master_address() asks the sentinels again")
