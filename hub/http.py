@@ -130,12 +130,10 @@ class HttpApi:
             earlier = await hub.idempotency.recall(scoped)
             if earlier is not None:  # a retry of a request that was answered: same reply
                 return JSONResponse({**earlier, "duplicate": True}, status_code=202)
-        limit = hub.settings.max_data_bytes + 4096  # data plus the envelope around it
-        body = bytearray()
-        async for chunk in request.stream():  # stop reading at the limit, not after it
-            body += chunk
-            if len(body) > limit:
-                return error_response(413, ErrorCode.EVENT_TOO_LARGE, "request body too large")
+        # data plus the envelope around it
+        body = await _bounded_body(request, hub.settings.max_data_bytes + 4096)
+        if body is None:
+            return error_response(413, ErrorCode.EVENT_TOO_LARGE, "request body too large")
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -405,11 +403,22 @@ def error_response(status: int, code: str, message: str, *, field: str | None = 
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
+async def _bounded_body(request: Request, limit: int) -> bytearray | None:
+    """The request body, or None once it passes ``limit`` bytes (reading stops there, not
+    at the end of whatever the client sends)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
 async def _small_object(request: Request, limit: int = 4096) -> dict[str, Any] | JSONResponse:
     """The body of an admin request: a JSON object of at most ``limit`` bytes, or the
     error response saying why not."""
-    body = await request.body()
-    if len(body) > limit:
+    body = await _bounded_body(request, limit)
+    if body is None:
         return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
     try:
         payload = orjson.loads(body)
